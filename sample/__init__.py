@@ -1,0 +1,1 @@
+"""The embedded sample dataset: its generator (``make_sample.py``) and the archives it writes."""

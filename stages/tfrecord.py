@@ -1,0 +1,354 @@
+"""DVC stage ``tfrecord``: raw images + annotations -> train/val TFRecord shards.
+
+Splits trainval rows the way the TF OD API pets tool does (seeded shuffle, first
+``train_fraction`` to train), judges every file by its bytes rather than its name, and
+writes TF OD API examples (``detkit.records``), ``label_map.pbtxt`` and ``stats.json``
+listing every repair and skip. Decoding runs in a process pool; results come back in
+input order, so the shards are byte-identical for the same inputs and params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import multiprocessing
+import os
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from lxml import etree
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from detkit.config import ConfigError, load_config
+from detkit.fsio import atomic_dir, atomic_write_json
+from detkit.labelmap import LabelMapError, pets_class_name, pets_label_map, read_label_map, write_label_map
+from detkit.records import BOX_KEYS
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
+REENCODE_QUALITY = 95
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole is unusable (missing list file, malformed row, ...)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One annotated image to turn into an example: picklable, for the worker pool."""
+
+    image: Path
+    xml: Path
+    rel: str  # path relative to the raw folder, as reported in stats.json
+    class_name: str | None  # Pets: the breed from the file name; VOC: None (per object)
+    label_map: dict[str, int] = field(hash=False)
+
+
+# ---------------------------------------------------------------------------- listing
+
+
+def _read_rows(path: Path) -> list[tuple[str, int]]:
+    """``<image> <class_id> <species> <breed_id>`` rows; ``#`` lines are headers."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing (the Pets layout needs annotations/trainval.txt and test.txt)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
+            raise DatasetError(f"{path}:{number}: expected '<image> <class_id> <species> <breed_id>', got {line!r}")
+        rows.append((parts[0], int(parts[1])))
+    return rows
+
+
+def list_pets(raw: Path) -> tuple[list[tuple[str, str]], set[str], dict[int, str]]:
+    """Trainval (image stem, breed) pairs in file order, every listed stem, the label map."""
+    ann = raw / "annotations"
+    trainval = _read_rows(ann / "trainval.txt")
+    everything = trainval + _read_rows(ann / "test.txt")
+    try:
+        names = {pets_class_name(stem) for stem, _ in everything}
+    except LabelMapError as exc:
+        raise DatasetError(f"{ann}: {exc}") from exc
+    label_map = pets_label_map(names)
+    ids = {name: i for i, name in label_map.items()}
+    for stem, class_id in everything:
+        if ids[pets_class_name(stem)] != class_id:
+            raise DatasetError(
+                f"{ann}: row '{stem}' has class_id {class_id}, but breed '{pets_class_name(stem)}' is "
+                f"id {ids[pets_class_name(stem)]} in case-insensitive alphabetical order"
+            )
+    listed = {stem for stem, _ in everything}
+    return [(stem, pets_class_name(stem)) for stem, _ in trainval], listed, label_map
+
+
+def list_voc(raw: Path, label_map_path: str) -> tuple[list[tuple[str, None]], set[str], dict[int, str]]:
+    """Every ``annotations/xmls/*.xml`` (sorted), classes from each object's <name>."""
+    try:
+        label_map = read_label_map(raw / label_map_path)
+    except LabelMapError as exc:
+        raise DatasetError(str(exc)) from exc
+    xmls = sorted((raw / "annotations" / "xmls").glob("*.xml"))
+    if not xmls:
+        raise DatasetError(f"{raw / 'annotations' / 'xmls'}: no Pascal VOC .xml files found")
+    return [(p.stem, None) for p in xmls], {p.stem for p in xmls}, label_map
+
+
+def split_rows(rows: list, train_fraction: float, seed: int) -> tuple[list, list]:
+    """As the TF OD API's create_pet_tf_record: seeded shuffle, first share to train."""
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    num_train = int(train_fraction * len(shuffled))
+    return shuffled[:num_train], shuffled[num_train:]
+
+
+def find_image(images: Path, stem: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = images / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------- one image
+
+
+def _decode(data: bytes) -> tuple[Image.Image, list[str]]:
+    """Decode fully (so truncation shows now, not in training); return RGB + repairs.
+
+    Any repair means the original bytes are not a plain RGB JPEG and get re-encoded.
+    """
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    repairs = []
+    if image.format != "JPEG":
+        repairs.append(f"{image.format} bytes behind a .jpg name: re-encoded as JPEG")
+    if image.mode != "RGB":
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            # Transparent pixels carry arbitrary colour: flatten onto white, not black.
+            rgba = image.convert("RGBA")
+            flat = Image.new("RGB", rgba.size, (255, 255, 255))
+            flat.paste(rgba, mask=rgba.getchannel("A"))
+            image = flat
+            repairs.append("alpha channel flattened onto white, converted to RGB")
+        else:
+            repairs.append(f"mode {image.mode} converted to RGB")
+            image = image.convert("RGB")
+    return image, repairs
+
+
+def _parse_objects(xml: Path) -> tuple[tuple[int, int] | None, list[dict[str, Any]]]:
+    root = etree.parse(str(xml)).getroot()
+    size = root.find("size")
+    xml_size = None
+    if size is not None and size.findtext("width") and size.findtext("height"):
+        xml_size = (int(float(size.findtext("width"))), int(float(size.findtext("height"))))
+    objects = []
+    for obj in root.iter("object"):
+        box = obj.find("bndbox")
+        if box is None:
+            raise ValueError("an <object> has no <bndbox>")
+        objects.append({
+            "name": (obj.findtext("name") or "").strip(),
+            "box": [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")],
+            "difficult": int(obj.findtext("difficult") or 0),
+            "truncated": int(obj.findtext("truncated") or 0),
+            "view": (obj.findtext("pose") or "").strip(),
+        })
+    return xml_size, objects
+
+
+def load_example(task: Task) -> dict[str, Any]:
+    """Read, check and repair one image + XML. Returns ``{"record": ...}`` or ``{"skip": reason}``.
+
+    Runs in worker processes: no TensorFlow here, only bytes, Pillow and lxml.
+    """
+    data = task.image.read_bytes()
+    try:
+        image, repairs = _decode(data)
+    except UnidentifiedImageError:
+        return {"skip": "not an image (no known image format in its bytes)"}
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return {"skip": f"undecodable image: {exc}"}
+    reencode = bool(repairs)
+    width, height = image.size
+    try:
+        xml_size, objects = _parse_objects(task.xml)
+    except (etree.XMLSyntaxError, ValueError, TypeError) as exc:
+        return {"skip": f"invalid annotation {task.xml.name}: {exc}"}
+    if xml_size and xml_size != (width, height):
+        repairs.append(f"XML size {xml_size[0]}x{xml_size[1]} differs from the image's {width}x{height}: "
+                       "boxes normalised by the image")
+
+    record: dict[str, Any] = {k: [] for k in (*BOX_KEYS, "text", "label", "difficult", "truncated", "view")}
+    for obj in objects:
+        class_name = task.class_name or obj["name"]
+        if class_name not in task.label_map:
+            repairs.append(f"box of class '{class_name}' dropped: not in the label map")
+            continue
+        xmin, ymin, xmax, ymax = obj["box"]
+        clipped = [min(max(v / s, 0.0), 1.0) for v, s in ((xmin, width), (ymin, height), (xmax, width), (ymax, height))]
+        if clipped != [xmin / width, ymin / height, xmax / width, ymax / height]:
+            repairs.append(f"box {obj['box']} reaches outside the {width}x{height} image: clipped")
+        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+            repairs.append(f"box {obj['box']} is empty inside the image: dropped")
+            continue
+        for key, value in zip(("xmin", "ymin", "xmax", "ymax"), clipped):
+            record[key].append(value)
+        record["text"].append(class_name)
+        record["label"].append(task.label_map[class_name])
+        record["difficult"].append(obj["difficult"])
+        record["truncated"].append(obj["truncated"])
+        record["view"].append(obj["view"])
+    if not record["label"]:
+        return {"skip": "no usable box in the annotation", "repairs": repairs}
+
+    if reencode:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=REENCODE_QUALITY)
+        data = buffer.getvalue()
+    record.update(
+        filename=task.image.name,
+        height=height,
+        width=width,
+        encoded=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return {"record": record, "repairs": repairs}
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def _results(tasks: list[Task], workers: int) -> Iterator[dict[str, Any]]:
+    if workers <= 1:
+        yield from map(load_example, tasks)
+        return
+    # spawn, not fork: the parent may already hold TensorFlow's threads.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(load_example, tasks, chunksize=8)
+
+
+def _shard_names(split: str, count: int) -> list[str]:
+    return [f"{split}-{i:05d}-of-{count:05d}.tfrecord" for i in range(count)]
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | None = None) -> dict[str, Any]:
+    """Build ``outputs["records"]`` (shards, label_map.pbtxt, stats.json) from ``inputs["raw"]``."""
+    import tensorflow as tf  # the pool is spawned, so the parent may hold TF
+
+    from detkit.records import encode_example
+
+    raw, out = Path(inputs["raw"]), Path(outputs["records"])
+    workers = workers or default_workers()
+    if cfg.dataset.layout == "pets":
+        rows, listed, label_map = list_pets(raw)
+    else:
+        rows, listed, label_map = list_voc(raw, cfg.dataset.label_map)
+    ids = {name: i for i, name in label_map.items()}
+    images, xmls = raw / "images", raw / "annotations" / "xmls"
+
+    stats: dict[str, Any] = {
+        "dataset": cfg.dataset.name,
+        "layout": cfg.dataset.layout,
+        "num_classes": len(label_map),
+        "splits": {},
+        "repaired": [],
+        "skipped": [],
+        "ignored": [],
+    }
+    splits = dict(zip(("train", "val"), split_rows(rows, cfg.split.train_fraction, cfg.split.seed)))
+    with atomic_dir(out) as tmp:
+        for split, split_rows_ in splits.items():
+            tasks = []
+            for stem, class_name in split_rows_:
+                image = find_image(images, stem)
+                if image is None:
+                    stats["skipped"].append({"file": f"images/{stem}.jpg", "split": split, "reason": "image file missing"})
+                elif not (xmls / f"{stem}.xml").is_file():
+                    stats["skipped"].append({"file": f"images/{image.name}", "split": split,
+                                             "reason": "no XML annotation (no head box)"})
+                else:
+                    tasks.append(Task(image, xmls / f"{stem}.xml", f"images/{image.name}", class_name, ids))
+            count = cfg.tfrecord[f"{split}_shards"]
+            names = _shard_names(split, count)
+            writers = [tf.io.TFRecordWriter(str(tmp / n)) for n in names]
+            per_class: Counter[str] = Counter()
+            written = boxes = 0
+            results = _results(tasks, workers)
+            for task, result in zip(tasks, tqdm(results, total=len(tasks), desc=f"tfrecord {split}", unit="img")):
+                if result.get("repairs"):
+                    stats["repaired"].append({"file": task.rel, "split": split, "reasons": result["repairs"]})
+                if "skip" in result:
+                    stats["skipped"].append({"file": task.rel, "split": split, "reason": result["skip"]})
+                    continue
+                record = result["record"]
+                writers[written % count].write(encode_example(record))
+                written += 1
+                boxes += len(record["label"])
+                per_class.update(record["text"])
+            for writer in writers:
+                writer.close()
+            stats["splits"][split] = {
+                "examples": written,
+                "boxes": boxes,
+                "shards": names,
+                "per_class": {label_map[i]: per_class[label_map[i]] for i in sorted(label_map)},
+            }
+        for path in sorted(images.iterdir()) if images.is_dir() else []:
+            if path.stem not in listed or path.suffix.lower() not in IMAGE_SUFFIXES:
+                stats["ignored"].append({"file": f"images/{path.name}", "reason": _ignored_reason(path)})
+        write_label_map(tmp / "label_map.pbtxt", label_map)
+        atomic_write_json(tmp / "stats.json", stats)
+    _print_summary(stats, out)
+    return stats
+
+
+def _ignored_reason(path: Path) -> str:
+    if path.name.startswith("._"):
+        return "macOS AppleDouble metadata file, not an image"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file ({path.suffix or 'no extension'}), not listed in the annotations"
+    return "not listed in the annotations"
+
+
+def _print_summary(stats: dict[str, Any], out: Path) -> None:
+    for split, s in stats["splits"].items():
+        print(f"tfrecord: {split}: {s['examples']} examples, {s['boxes']} boxes in {len(s['shards'])} shards")
+    for kind, key in (("repaired", "reasons"), ("skipped", "reason"), ("ignored", "reason")):
+        entries = stats[kind]
+        print(f"tfrecord: {kind}: {len(entries)}")
+        for entry in entries:
+            reason = "; ".join(entry[key]) if isinstance(entry[key], list) else entry[key]
+            print(f"  {entry['file']}: {reason}")
+    print(f"tfrecord: wrote {out} (details in {out / 'stats.json'})")
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--raw", type=Path, required=True, help="extracted dataset (download stage output)")
+    parser.add_argument("--out", type=Path, required=True, help="records folder to write")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        cfg = load_config(args.params)
+        run(cfg, {"raw": args.raw}, {"records": args.out}, workers=args.workers)
+    except (ConfigError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Config is composed from params.yaml + conf/ groups and validated before any work."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from detkit.config import ConfigError, load_config
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture
+def repo_copy(tmp_path, monkeypatch):
+    """params.yaml and conf/ in a scratch root, so a test can break them freely."""
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(REPO_ROOT / "conf", tmp_path / "conf")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def test_real_config_composes_every_group_file():
+    for path in sorted((REPO_ROOT / "conf" / "dataset").glob("*.yaml")):
+        if path.stem == "voc_custom":
+            continue  # needs local_dir, tested below
+        cfg = load_config(overrides=[f"dataset={path.stem}"])
+        assert cfg.dataset.name == path.stem
+        assert cfg.dataset.archives, path
+
+
+def test_params_defaults_are_the_real_run():
+    cfg = load_config()
+    assert cfg.dataset.name == "oxford_pets"
+    assert [a.name for a in cfg.dataset.archives] == ["images", "annotations"]
+
+
+def test_typo_in_params_key_names_key_and_closest(repo_copy):
+    text = (repo_copy / "params.yaml").read_text().replace("  seed:", "  sed:")
+    (repo_copy / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"params.yaml: unknown key 'split.sed' \(did you mean 'seed'\?\)"):
+        load_config()
+
+
+def test_typo_in_top_level_section(repo_copy):
+    with pytest.raises(ConfigError, match=r"unknown key 'tfrecords' \(did you mean 'tfrecord'\?\)"):
+        load_config(overrides=["tfrecords.train_shards=3"])
+
+
+def test_unknown_group_file_names_file_and_closest():
+    with pytest.raises(ConfigError, match=r"dataset=sampel: no such config file .*sampel.yaml \(did you mean 'sample'\?\)"):
+        load_config(overrides=["dataset=sampel"])
+
+
+def test_typo_inside_group_file_names_that_file(repo_copy):
+    path = repo_copy / "conf" / "dataset" / "sample.yaml"
+    path.write_text(path.read_text().replace("layout:", "layuot:"))
+    with pytest.raises(ConfigError, match=r"sample.yaml: unknown key 'layuot' \(did you mean 'layout'\?\)"):
+        load_config(overrides=["dataset=sample"])
+
+
+def test_typo_inside_list_of_archives(repo_copy):
+    path = repo_copy / "conf" / "dataset" / "sample.yaml"
+    path.write_text(path.read_text().replace("sha256:", "sha265:", 1))
+    with pytest.raises(ConfigError, match=r"unknown key 'archives\[0\].sha265' \(did you mean 'sha256'\?\)"):
+        load_config(overrides=["dataset=sample"])
+
+
+def test_required_value_left_unset_is_named():
+    with pytest.raises(ConfigError, match=r"not set \(marked \?\?\?\): dataset.local_dir"):
+        load_config(overrides=["dataset=voc_custom"])
+
+
+def test_wrong_type_is_refused_with_key():
+    with pytest.raises(ConfigError, match="split.seed"):
+        load_config(overrides=["split.seed=abc"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("split.train_fraction=1.5", "split.train_fraction"),
+    ("tfrecord.val_shards=0", "tfrecord.val_shards"),
+])
+def test_out_of_range_values_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=["dataset=sample", override])

@@ -1,0 +1,184 @@
+"""stages.tfrecord on the embedded sample: TF OD API examples, label map, quirks, determinism."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from lxml import etree
+
+from detkit.config import load_config
+from detkit.labelmap import pets_class_name, read_label_map
+from detkit.records import feature_spec
+from sample.make_sample import CLASSES, QUIRKS
+from stages import tfrecord
+
+
+def read_examples(records):
+    spec = feature_spec()
+    examples = {}
+    for split in ("train", "val"):
+        files = sorted(str(p) for p in records.glob(f"{split}-*.tfrecord"))
+        for serialized in tf.data.TFRecordDataset(files):
+            ex = tf.io.parse_single_example(serialized, spec)
+            ex = {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v for k, v in ex.items()}
+            examples[ex["image/filename"].numpy().decode()] = (split, ex)
+    return examples
+
+
+@pytest.fixture(scope="module")
+def examples(sample_records):
+    return read_examples(sample_records)
+
+
+@pytest.fixture(scope="module")
+def stats(sample_records):
+    return json.loads((sample_records / "stats.json").read_text())
+
+
+def test_label_map_is_the_pets_one(sample_records):
+    label_map = read_label_map(sample_records / "label_map.pbtxt")
+    assert label_map == {i: name for i, name in enumerate(CLASSES, start=1)}
+    assert label_map[1] == "Abyssinian" and label_map[37] == "yorkshire_terrier"
+
+
+def test_every_example_decodes_and_matches_its_size(examples):
+    assert len(examples) > 300
+    for name, (_, ex) in examples.items():
+        assert ex["image/format"].numpy() == b"jpeg"
+        image = tf.io.decode_jpeg(ex["image/encoded"], channels=0)
+        assert image.shape[2] == 3, name
+        assert image.shape[:2] == (ex["image/height"], ex["image/width"]), name
+        assert ex["image/source_id"].numpy().decode() == name
+
+
+def test_boxes_and_labels_match_xml_and_label_map(examples, sample_raw, sample_records):
+    label_map = read_label_map(sample_records / "label_map.pbtxt")
+    clipped = {f"{s}.jpg" for s in QUIRKS["box_outside"]}
+    checked = 0
+    for name, (_, ex) in examples.items():
+        breed = pets_class_name(name.rsplit(".", 1)[0])
+        assert [t.decode() for t in ex["image/object/class/text"].numpy()] == [breed]
+        assert [label_map[int(i)] for i in ex["image/object/class/label"].numpy()] == [breed]
+        box = np.array([ex[f"image/object/bbox/{k}"].numpy()[0] for k in ("xmin", "ymin", "xmax", "ymax")])
+        assert np.all((box >= 0) & (box <= 1)), name
+        assert box[0] < box[2] and box[1] < box[3], name
+        xml = etree.parse(str(sample_raw / "annotations" / "xmls" / name.replace(".jpg", ".xml")))
+        w, h = int(ex["image/width"]), int(ex["image/height"])
+        raw = np.array([float(xml.findtext(f"object/bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")])
+        expected = np.clip(raw / [w, h, w, h], 0, 1)
+        np.testing.assert_allclose(box, expected, atol=1e-6, err_msg=name)
+        if name in clipped:
+            assert not np.allclose(raw / [w, h, w, h], expected), "the quirk box should need clipping"
+        checked += 1
+    assert checked == len(examples)
+
+
+def test_split_is_the_pets_tools_seeded_70_30(examples, sample_raw, cfg):
+    rows, _, _ = tfrecord.list_pets(sample_raw)
+    train, val = tfrecord.split_rows(rows, cfg.split.train_fraction, cfg.split.seed)
+    assert len(train) == int(0.7 * len(rows))
+    by_split = {"train": {f"{s}.jpg" for s, _ in train}, "val": {f"{s}.jpg" for s, _ in val}}
+    for name, (split, _) in examples.items():
+        assert name in by_split[split], name
+
+
+def entries(stats, kind):
+    return {e["file"]: e for e in stats[kind]}
+
+
+@pytest.mark.parametrize("quirk, reason", [
+    ("gif", "GIF bytes behind a .jpg name"),
+    ("png", "PNG bytes behind a .jpg name"),
+    ("rgba", "alpha channel flattened"),
+    ("grayscale", "mode L converted to RGB"),
+    ("cmyk", "mode CMYK converted to RGB"),
+    ("box_outside", "clipped"),
+])
+def test_repairable_quirks_are_kept_and_listed(quirk, reason, stats, examples):
+    repaired = entries(stats, "repaired")
+    for stem in QUIRKS[quirk]:
+        assert f"{stem}.jpg" in examples, f"{stem} should be kept"
+        assert any(reason in r for r in repaired[f"images/{stem}.jpg"]["reasons"]), repaired.get(f"images/{stem}.jpg")
+
+
+@pytest.mark.parametrize("quirk, reason", [
+    ("truncated", "undecodable image"),
+    ("corrupt", "undecodable image"),
+    ("no_xml", "no XML annotation"),
+])
+def test_unusable_files_are_skipped_and_listed(quirk, reason, stats, examples):
+    skipped = entries(stats, "skipped")
+    for stem in QUIRKS[quirk]:
+        assert f"{stem}.jpg" not in examples
+        assert reason in skipped[f"images/{stem}.jpg"]["reason"]
+
+
+def test_stray_files_are_ignored_and_listed(stats):
+    ignored = entries(stats, "ignored")
+    for name in QUIRKS["stray"]:
+        assert "not an image file" in ignored[f"images/{name}"]["reason"]
+    assert "AppleDouble" in ignored["images/._Abyssinian_1.jpg"]["reason"]
+
+
+def test_stats_count_what_was_written(stats, examples):
+    for split in ("train", "val"):
+        written = [n for n, (s, _) in examples.items() if s == split]
+        assert stats["splits"][split]["examples"] == len(written)
+        assert sum(stats["splits"][split]["per_class"].values()) == stats["splits"][split]["boxes"]
+    assert stats["num_classes"] == 37
+
+
+def test_same_inputs_give_byte_identical_shards(sample_raw, sample_records, cfg, tmp_path):
+    tfrecord.run(cfg, {"raw": sample_raw}, {"records": tmp_path / "again"}, workers=1)
+    first = sorted(p.name for p in sample_records.iterdir())
+    assert first == sorted(p.name for p in (tmp_path / "again").iterdir())
+    for name in first:
+        assert (sample_records / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+def test_voc_layout_takes_classes_from_xml(sample_raw, tmp_path):
+    data = tmp_path / "voc"
+    (data / "images").mkdir(parents=True)
+    (data / "annotations" / "xmls").mkdir(parents=True)
+    for stem in ("Abyssinian_1", "Abyssinian_2", "Bengal_1", "beagle_1", "beagle_2", "pug_1"):
+        shutil.copy(sample_raw / "images" / f"{stem}.jpg", data / "images")
+        shutil.copy(sample_raw / "annotations" / "xmls" / f"{stem}.xml", data / "annotations" / "xmls")
+    (data / "label_map.pbtxt").write_text("item { id: 1 name: 'cat' }\nitem { id: 2 name: 'dog' }\n")
+    cfg = load_config(overrides=["dataset=voc_custom", f"dataset.local_dir={data}"])
+    stats = tfrecord.run(cfg, {"raw": data}, {"records": tmp_path / "records"})
+    assert stats["splits"]["train"]["examples"] + stats["splits"]["val"]["examples"] == 6
+    examples = read_examples(tmp_path / "records")
+    for name, (_, ex) in examples.items():
+        expected = "cat" if name[0].isupper() else "dog"
+        assert [t.decode() for t in ex["image/object/class/text"].numpy()] == [expected]
+        assert list(ex["image/object/class/label"].numpy()) == [1 if expected == "cat" else 2]
+
+
+def test_malformed_list_row_names_file_and_line_and_keeps_old_output(sample_raw, cfg, tmp_path):
+    raw = tmp_path / "raw"
+    shutil.copytree(sample_raw / "annotations", raw / "annotations")
+    (raw / "images").mkdir()
+    trainval = raw / "annotations" / "trainval.txt"
+    lines = trainval.read_text().splitlines()
+    lines[2] = "Abyssinian_3 one 1 1"
+    trainval.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "records"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous output")
+    with pytest.raises(tfrecord.DatasetError, match=r"trainval.txt:3: expected"):
+        tfrecord.run(cfg, {"raw": raw}, {"records": out})
+    assert (out / "keep.txt").read_text() == "previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "records"]
+
+
+def test_missing_list_file_is_named(cfg, tmp_path):
+    (tmp_path / "raw" / "annotations").mkdir(parents=True)
+    assert tfrecord.main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
+                          "--params", "params.yaml"]) == 2
+    with pytest.raises(tfrecord.DatasetError, match="annotations/trainval.txt: missing"):
+        tfrecord.run(cfg, {"raw": tmp_path / "raw"}, {"records": tmp_path / "out"})
+    assert not (tmp_path / "out").exists()
