@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-test: ## run the whole test suite (offline)
+test: lint ## lint, then run the whole test suite (offline)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 lint: ## ruff on the code

@@ -16,7 +16,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 class Archive:
     name: str = MISSING
     urls: list[str] = MISSING
-    size: Optional[int] = None
+    size: int | None = None
     sha256: str = MISSING
 
 
@@ -41,8 +41,8 @@ class Dataset:
     name: str = MISSING
     layout: str = "pets"
     archives: list[Archive] = field(default_factory=list)
-    local_dir: Optional[str] = None
-    label_map: Optional[str] = None
+    local_dir: str | None = None
+    label_map: str | None = None
 
 
 @dataclass

@@ -19,7 +19,8 @@ def encode_example(record: dict[str, Any]) -> bytes:
         return tf.train.Feature(float_list=tf.train.FloatList(value=values))
 
     def strings(values):
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v if isinstance(v, bytes) else v.encode() for v in values]))
+        encoded = [v if isinstance(v, bytes) else v.encode() for v in values]
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=encoded))
 
     feature = {
         "image/height": ints([record["height"]]),

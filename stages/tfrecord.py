@@ -17,9 +17,10 @@ import os
 import random
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from lxml import etree
 from PIL import Image, UnidentifiedImageError
@@ -173,7 +174,7 @@ def load_example(task: Task) -> dict[str, Any]:
     try:
         image, repairs = _decode(data)
     except UnidentifiedImageError:
-        return {"skip": "not an image (no known image format in its bytes)"}
+        return {"skip": "undecodable image: no known image format in its bytes"}
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return {"skip": f"undecodable image: {exc}"}
     reencode = bool(repairs)
@@ -274,7 +275,8 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | N
             for stem, class_name in split_rows_:
                 image = find_image(images, stem)
                 if image is None:
-                    stats["skipped"].append({"file": f"images/{stem}.jpg", "split": split, "reason": "image file missing"})
+                    stats["skipped"].append({"file": f"images/{stem}.jpg", "split": split,
+                                             "reason": "image file missing"})
                 elif not (xmls / f"{stem}.xml").is_file():
                     stats["skipped"].append({"file": f"images/{image.name}", "split": split,
                                              "reason": "no XML annotation (no head box)"})

@@ -47,7 +47,8 @@ def test_typo_in_top_level_section(repo_copy):
 
 
 def test_unknown_group_file_names_file_and_closest():
-    with pytest.raises(ConfigError, match=r"dataset=sampel: no such config file .*sampel.yaml \(did you mean 'sample'\?\)"):
+    expected = r"dataset=sampel: no such config file .*sampel.yaml \(did you mean 'sample'\?\)"
+    with pytest.raises(ConfigError, match=expected):
         load_config(overrides=["dataset=sampel"])
 
 

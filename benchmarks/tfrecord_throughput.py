@@ -1,0 +1,98 @@
+"""TFRecord throughput on full-size images: the stage's process pool vs one process.
+
+Builds a Pets-layout set of at least 2,000 full-size JPEGs (500 px class, like the real
+archive) by upscaling the embedded sample, then times ``stages.tfrecord.run`` with one
+worker (the baseline: same work, one file at a time) and with all cores.
+Goal (issue 2): at least 1.8x the baseline on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from lxml import etree
+from PIL import Image
+
+from detkit.config import load_config
+from stages import download, tfrecord
+
+GOAL = 1.8
+
+
+def build_full_size_set(sample_raw: Path, out: Path, per_class: int) -> int:
+    """``per_class`` images of each sample breed, upscaled to 400-500 x 300-500 px."""
+    rows, _, _ = tfrecord.list_pets(sample_raw)
+    annotated = [(s, b) for s, b in rows if (sample_raw / "annotations" / "xmls" / f"{s}.xml").is_file()
+                 and (sample_raw / "images" / f"{s}.jpg").read_bytes()[:2] == b"\xff\xd8"]
+    by_breed: dict[str, list[str]] = {}
+    for stem, breed in annotated:
+        by_breed.setdefault(breed, []).append(stem)
+    (out / "images").mkdir(parents=True)
+    (out / "annotations" / "xmls").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for class_id, breed in enumerate(sorted(by_breed, key=str.lower), start=1):
+        for k in range(per_class):
+            source = by_breed[breed][k % len(by_breed[breed])]
+            try:
+                picture = Image.open(sample_raw / "images" / f"{source}.jpg").convert("RGB")
+            except OSError:
+                continue
+            size = (int(rng.integers(400, 501)), int(rng.integers(300, 501)))
+            scale = (size[0] / picture.width, size[1] / picture.height)
+            big = np.asarray(picture.resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+            big = np.clip(big + rng.integers(-6, 7, big.shape), 0, 255).astype(np.uint8)
+            stem = f"{breed}_{k + 1}"
+            buffer = io.BytesIO()
+            Image.fromarray(big).save(buffer, "JPEG", quality=92)
+            (out / "images" / f"{stem}.jpg").write_bytes(buffer.getvalue())
+            xml = etree.parse(str(sample_raw / "annotations" / "xmls" / f"{source}.xml"))
+            xml.find("filename").text = f"{stem}.jpg"
+            xml.find("size/width").text, xml.find("size/height").text = str(size[0]), str(size[1])
+            for key, factor in (("xmin", scale[0]), ("xmax", scale[0]), ("ymin", scale[1]), ("ymax", scale[1])):
+                node = xml.find(f"object/bndbox/{key}")
+                node.text = str(round(float(node.text) * factor))
+            xml.write(str(out / "annotations" / "xmls" / f"{stem}.xml"))
+            lines.append(f"{stem} {class_id} {1 if breed[0].isupper() else 2} 1\n")
+    (out / "annotations" / "trainval.txt").write_text("".join(lines))
+    (out / "annotations" / "test.txt").write_text("")
+    return len(lines)
+
+
+def timed_run(cfg, raw: Path, out: Path, workers: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    stats = tfrecord.run(cfg, {"raw": raw}, {"records": out}, workers=workers)
+    elapsed = time.perf_counter() - start
+    return elapsed, sum(s["examples"] for s in stats["splits"].values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--per-class", type=int, default=55, help="images per breed (37 breeds)")
+    args = parser.parse_args()
+    cfg = load_config(overrides=["dataset=sample"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        download.run(cfg, {"cache": tmp / "cache"}, {"raw": tmp / "sample"})
+        count = build_full_size_set(tmp / "sample", tmp / "raw", args.per_class)
+        megabytes = sum(p.stat().st_size for p in (tmp / "raw" / "images").iterdir()) / 1e6
+        print(f"bench set: {count} JPEGs, 400-500 x 300-500 px, {megabytes:.0f} MB")
+        workers = tfrecord.default_workers()
+        base_s, n = timed_run(cfg, tmp / "raw", tmp / "one", workers=1)
+        pool_s, m = timed_run(cfg, tmp / "raw", tmp / "pool", workers=workers)
+        assert n == m
+        same = all((tmp / "one" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "pool").iterdir())
+    ratio = base_s / pool_s
+    print(f"tfrecord baseline (1 process, one file at a time): {n / base_s:8.1f} images/s  ({base_s:.1f} s)")
+    print(f"tfrecord stage ({workers} worker processes):       {m / pool_s:8.1f} images/s  ({pool_s:.1f} s)")
+    print(f"tfrecord speed-up: {ratio:.2f}x (goal >= {GOAL}x on 2 cores: {'met' if ratio >= GOAL else 'NOT met'}); "
+          f"outputs byte-identical: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""DVC stage ``download``: bring the raw dataset into ``data/raw/``.
+
+Either downloads, verifies and unpacks ``dataset.archives`` (mirrors tried in order), or
+copies ``dataset.local_dir`` for a dataset that is already on disk. Downloads go through
+a cache folder that is not a DVC output, because DVC deletes a stage's outputs before
+running it and an interrupted 800 MB download should resume, not start over.
+
+    python -m stages.download --out data/raw --cache data/downloads [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig
+
+from detkit.archive import ArchiveError, archive_suffix, fetch, safe_extract
+from detkit.config import ConfigError, load_config, repo_root
+from detkit.fsio import atomic_dir
+
+
+def _check_archives(archives: ListConfig) -> None:
+    names: set[str] = set()
+    for i, archive in enumerate(archives):
+        where = f"dataset.archives[{i}]"
+        if not archive.urls:
+            raise ConfigError(f"{where}.urls: list at least one URL")
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", archive.sha256.strip()):
+            raise ConfigError(f"{where}.sha256: '{archive.sha256}' is not a 64-digit hex digest")
+        # The name becomes the cache file name, so it must be one plain, unique file name.
+        if archive.name in names or archive.name in ("", ".", "..") or "/" in archive.name:
+            raise ConfigError(f"{where}.name: '{archive.name}' must be a unique file name")
+        names.add(archive.name)
+
+
+def _copy_local(local_dir: str, out: Path) -> dict:
+    source = Path(local_dir)
+    source = source if source.is_absolute() else repo_root() / source
+    if not source.is_dir():
+        raise ConfigError(f"dataset.local_dir: {source} does not exist or is not a folder")
+    if out.resolve().is_relative_to(source.resolve()):
+        # Copying a folder into itself would recurse without end.
+        raise ConfigError(f"dataset.local_dir: {source} contains the output folder {out}")
+    with atomic_dir(out) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        files = sum(1 for path in tmp.rglob("*") if path.is_file())
+    print(f"download: copied {files} files from {source} to {out}")
+    return {"local_dir": str(source), "files": files, "output": str(out)}
+
+
+def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
+    """Fill ``outputs['raw']`` from the dataset's archives or local folder; return a summary.
+
+    ``inputs['cache']`` keeps downloaded archives (and partial downloads) across runs.
+    """
+    dataset = cfg.dataset
+    out = outputs["raw"]
+    if dataset.local_dir and dataset.archives:
+        raise ConfigError("dataset: set either archives or local_dir, not both")
+    if dataset.local_dir:
+        return _copy_local(dataset.local_dir, out)
+    if not dataset.archives:
+        raise ConfigError("dataset: neither archives nor local_dir is set; nothing to download")
+    _check_archives(dataset.archives)
+
+    cache = inputs["cache"]
+    fetched = [
+        fetch(
+            list(archive.urls),
+            cache / f"{archive.name}{archive_suffix(archive.urls[0])}",
+            archive.size,
+            archive.sha256,
+            label=archive.name,
+        )
+        for archive in dataset.archives
+    ]
+    # All archives land in one staged folder, so the output appears whole or not at all.
+    with atomic_dir(out) as tmp:
+        members = [safe_extract(got.path, tmp) for got in fetched]
+
+    summary = {
+        "archives": [
+            {
+                "name": archive.name,
+                "url": got.url,
+                "reused": got.reused,
+                "bytes": got.size,
+                "sha256": got.sha256,
+                "members": len(names),
+            }
+            for archive, got, names in zip(dataset.archives, fetched, members, strict=True)
+        ],
+        "output": str(out),
+    }
+    for item in summary["archives"]:
+        source = "cache" if item["reused"] else item["url"]
+        print(
+            f"download: {item['name']}: {item['bytes']:,} bytes from {source}, "
+            f"sha256 {item['sha256'][:12]}..., {item['members']:,} members extracted"
+        )
+    print(f"download: wrote {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stages.download",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--params", default="params.yaml", help="experiment params file")
+    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder")
+    parser.add_argument("--cache", type=Path, default=Path("data/downloads"), help="download cache folder")
+    args = parser.parse_args(argv)
+    root = repo_root()
+    try:
+        cfg = load_config(args.params)
+        run(cfg, {"cache": root / args.cache}, {"raw": root / args.out})
+    except (ConfigError, ArchiveError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
