@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--params", default="params.yaml", help="experiment params file")
-    parser.add_argument("--out", type=Path, default=Path("data/raw"), help="output folder")
-    parser.add_argument("--cache", type=Path, default=Path("data/downloads"), help="download cache folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")
     args = parser.parse_args(argv)
     root = repo_root()
     try:
