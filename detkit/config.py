@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-GROUPS = ("dataset",)
+GROUPS = ("dataset", "model")
 
 
 class ConfigError(ValueError):
@@ -57,14 +57,127 @@ class TFRecord:
     val_shards: int = 2
 
 
+# ---- model group (conf/model/<name>.yaml); defaults are KerasHub RetinaNet's (ResNet-50 FPN, COCO)
+
+
+@dataclass
+class ResNet:
+    input_conv_filters: list[int] = field(default_factory=lambda: [64])
+    input_conv_kernel_sizes: list[int] = field(default_factory=lambda: [7])
+    stackwise_num_filters: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    stackwise_num_blocks: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    stackwise_num_strides: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    block_type: str = "bottleneck_block"
+    use_pre_activation: bool = False
+
+
+@dataclass
+class Anchors:
+    num_scales: int = 3
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    anchor_size: float = 4.0
+
+
+@dataclass
+class Head:
+    num_conv_layers: int = 4
+    use_group_norm: bool = False
+    prior_probability: float = 0.01
+
+
+@dataclass
+class Matching:
+    positive_threshold: float = 0.5
+    negative_threshold: float = 0.4
+    force_match: bool = False
+
+
+@dataclass
+class Detection:
+    max_detections: int = 100
+    max_detections_per_class: int = 100
+    score_threshold: float = 0.05
+    iou_threshold: float = 0.5
+    pre_nms_top_k: int = 1000
+
+
+@dataclass
+class Model:
+    name: str = MISSING
+    builder: str = "retinanet"
+    pretrained: str = "none"
+    pretrained_sha256: str | None = None
+    image_size: int = 512
+    scale: list[float] = field(default_factory=lambda: [1.0 / 255.0])
+    offset: list[float] = field(default_factory=lambda: [0.0])
+    backbone: ResNet = field(default_factory=ResNet)
+    min_level: int = 3
+    max_level: int = 7
+    use_p5: bool = False
+    use_fpn_batch_norm: bool = False
+    anchors: Anchors = field(default_factory=Anchors)
+    head: Head = field(default_factory=Head)
+    matching: Matching = field(default_factory=Matching)
+    detection: Detection = field(default_factory=Detection)
+
+
+# ---- train section of params.yaml
+
+
+@dataclass
+class Augment:
+    hflip: bool = True
+    crop_min_scale: float = 1.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+
+
+@dataclass
+class Train:
+    steps: int = 20000
+    batch_size: int = 8
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 500
+    min_lr_fraction: float = 0.0
+    clipnorm: float | None = 10.0
+    class_loss_weight: float = 1.0
+    max_boxes: int = 16
+    shuffle_buffer: int = 1024
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 42
+    deterministic: bool = True
+    augment: Augment = field(default_factory=Augment)
+
+
+@dataclass
+class Eval:
+    batch_size: int = 16
+    coco_backend: str = "faster_coco_eval"
+    num_samples: int = 8
+    sample_min_score: float = 0.3
+
+
 @dataclass
 class Config:
     dataset: Dataset = field(default_factory=Dataset)
     split: Split = field(default_factory=Split)
     tfrecord: TFRecord = field(default_factory=TFRecord)
+    model: Model = field(default_factory=Model)
+    train: Train = field(default_factory=Train)
+    eval: Eval = field(default_factory=Eval)
 
 
 LAYOUTS = ("pets", "voc")
+COCO_BACKENDS = ("faster_coco_eval", "pycocotools")  # detkit.coco.BACKENDS, without importing numpy here
+BUILDERS = ("retinanet", "preset")
+BLOCK_TYPES = ("basic_block", "bottleneck_block", "basic_block_vd", "bottleneck_block_vd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
 
 
 def repo_root() -> Path:
@@ -175,3 +288,80 @@ def _validate_values(cfg: DictConfig) -> None:
     for key in ("train_shards", "val_shards"):
         if cfg.tfrecord[key] < 1:
             raise ConfigError(f"tfrecord.{key}: {cfg.tfrecord[key]} must be at least 1")
+    _validate_model(cfg.model)
+    _validate_train(cfg.train)
+    _one_of("eval.coco_backend", cfg.eval.coco_backend, COCO_BACKENDS)
+    if cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size: {cfg.eval.batch_size} must be at least 1")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(choices)}{closest(value, list(choices))}")
+
+
+def _validate_model(m: DictConfig) -> None:
+    where = f"conf/model/{m.name}.yaml"
+    _one_of(f"{where}: builder", m.builder, BUILDERS)
+    if m.builder == "preset" and m.pretrained == "none":
+        raise ConfigError(f"{where}: builder 'preset' loads the weights named by 'pretrained', which is 'none'")
+    if m.builder == "retinanet" and m.pretrained != "none":
+        raise ConfigError(f"{where}: builder 'retinanet' trains from scratch, so 'pretrained' must be 'none' "
+                          f"(got '{m.pretrained}'); use builder 'preset' to start from a KerasHub preset")
+    if m.image_size < 32:
+        raise ConfigError(f"{where}: image_size: {m.image_size} must be at least 32")
+    stride = 2 ** min(m.max_level, 5)  # the FPN's top-down path needs exact halving down to P5
+    if m.image_size % stride:
+        raise ConfigError(f"{where}: image_size: {m.image_size} must be a multiple of {stride} (2**min(max_level, 5))")
+    for key in ("scale", "offset"):
+        if len(m[key]) not in (1, 3):
+            raise ConfigError(f"{where}: {key}: needs 1 or 3 values (per RGB channel), got {len(m[key])}")
+    if not 2 <= m.min_level <= m.max_level:
+        raise ConfigError(f"{where}: min_level {m.min_level}, max_level {m.max_level}: need 2 <= min <= max")
+    b = m.backbone
+    _one_of(f"{where}: backbone.block_type", b.block_type, BLOCK_TYPES)
+    lengths = {len(b.stackwise_num_filters), len(b.stackwise_num_blocks), len(b.stackwise_num_strides)}
+    if len(lengths) != 1:
+        raise ConfigError(f"{where}: backbone.stackwise_num_filters/_blocks/_strides must have the same length")
+    if b.stackwise_num_filters[0] != 64:
+        raise ConfigError(f"{where}: backbone.stackwise_num_filters[0]: KerasHub's ResNet needs 64, got "
+                          f"{b.stackwise_num_filters[0]}")
+    if m.builder == "retinanet" and m.min_level > len(b.stackwise_num_filters) + 1:
+        raise ConfigError(f"{where}: min_level {m.min_level}: the backbone's {len(b.stackwise_num_filters)} stacks "
+                          f"only reach P{len(b.stackwise_num_filters) + 1}")
+    if m.anchors.num_scales < 1 or not m.anchors.aspect_ratios or min(m.anchors.aspect_ratios) <= 0:
+        raise ConfigError(f"{where}: anchors: need num_scales >= 1 and positive aspect_ratios")
+    if not 0.0 < m.head.prior_probability < 1.0:
+        raise ConfigError(f"{where}: head.prior_probability: {m.head.prior_probability} must be in (0, 1)")
+    if not 0.0 < m.matching.negative_threshold <= m.matching.positive_threshold <= 1.0:
+        raise ConfigError(f"{where}: matching: need 0 < negative_threshold <= positive_threshold <= 1")
+    d = m.detection
+    if not 0.0 < d.iou_threshold <= 1.0 or not 0.0 <= d.score_threshold < 1.0:
+        raise ConfigError(f"{where}: detection: iou_threshold must be in (0, 1], score_threshold in [0, 1)")
+    if min(d.max_detections, d.max_detections_per_class, d.pre_nms_top_k) < 1:
+        raise ConfigError(f"{where}: detection: max_detections, max_detections_per_class, pre_nms_top_k must be >= 1")
+
+
+def _validate_train(t: DictConfig) -> None:
+    for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "max_boxes", "shuffle_buffer"):
+        if t[key] < 1:
+            raise ConfigError(f"train.{key}: {t[key]} must be at least 1")
+    _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    _one_of("train.schedule", t.schedule, SCHEDULES)
+    if t.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate: {t.learning_rate} must be positive")
+    if not 0 <= t.warmup_steps < t.steps:
+        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} must be in [0, train.steps={t.steps})")
+    if not 0.0 <= t.min_lr_fraction <= 1.0:
+        raise ConfigError(f"train.min_lr_fraction: {t.min_lr_fraction} must be in [0, 1]")
+    if t.clipnorm is not None and t.clipnorm <= 0:
+        raise ConfigError(f"train.clipnorm: {t.clipnorm} must be positive, or null for no clipping")
+    if t.class_loss_weight <= 0:
+        raise ConfigError(f"train.class_loss_weight: {t.class_loss_weight} must be positive")
+    if t.weight_decay < 0 or not 0 <= t.momentum < 1:
+        raise ConfigError("train.weight_decay must be >= 0 and train.momentum in [0, 1)")
+    a = t.augment
+    if not 0.1 <= a.crop_min_scale <= 1.0:
+        raise ConfigError(f"train.augment.crop_min_scale: {a.crop_min_scale} must be in [0.1, 1] (1 = no crop)")
+    if not 0.0 <= a.brightness < 1.0 or not 0.0 <= a.contrast < 1.0:
+        raise ConfigError("train.augment.brightness and .contrast must be in [0, 1)")

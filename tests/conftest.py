@@ -41,3 +41,19 @@ def sample_records(sample_raw) -> Path:
     out = sample_raw.parent / "records"
     tfrecord.run(load_config(overrides=["dataset=sample"]), {"raw": sample_raw}, {"records": out})
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory) -> Path:
+    """A fresh copy of the repo after `make demo`: the whole pipeline on the sample, as users run it."""
+    import subprocess
+    import sys
+
+    from tests.repo_copy import dvc_env, make_repo_copy
+
+    root = make_repo_copy(tmp_path_factory.mktemp("demo"))
+    venv = Path(sys.executable).parent.parent
+    result = subprocess.run(["make", "demo", f"VENV={venv}"], cwd=root, env=dvc_env(root),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"make demo failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return root

@@ -1,29 +1,54 @@
-"""dvc.yaml: the stages run under `dvc repro`, and re-run exactly when their inputs change."""
+"""dvc.yaml end to end in a throwaway copy of the repo: stages run under `dvc repro`, re-run
+exactly when their inputs change, and `dvc exp run` experiments land in `dvc exp show` and
+in MLflow with the same metrics."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import sqlite3
 
 import pytest
+from ruamel.yaml import YAML
 
 from tests.repo_copy import make_repo_copy, run
 
 pytestmark = pytest.mark.slow
+
+# Plumbing, not learning: a few steps keep each training run to seconds.
+QUICK = {"train.steps": "6", "train.batch_size": "4", "train.checkpoint_every": "3", "train.warmup_steps": "0",
+         "eval.num_samples": "2"}
 
 
 def ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([\w-]+)'", output)
 
 
+def set_params(root, **changes):
+    """Edit params.yaml as a user would, comments kept (keys may be dotted: train.steps)."""
+    yaml = YAML()
+    path = root / "params.yaml"
+    params = yaml.load(path)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = params
+        for parent in parents:
+            node = node[parent]
+        assert key in node, dotted
+        node[key] = yaml.load(str(value))
+    yaml.dump(params, path)
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = make_repo_copy(tmp_path_factory.mktemp("repo"))
-    params = root / "params.yaml"
-    params.write_text(params.read_text().replace("dataset: oxford_pets", "dataset: sample"))
+    set_params(root, dataset="sample", model="retinanet_tiny", **QUICK)
+    run(["git", "commit", "-qam", "quick params"], root)
     return root
 
 
-def test_repro_runs_data_stages_then_nothing_then_only_what_changed(repo):
+def test_data_stages_run_once_and_rerun_only_on_their_params(repo):
     first = run(["dvc", "repro", "tfrecord"], repo)
     assert ran(first.stdout) == ["download", "tfrecord"], first.stdout
     assert (repo / "data" / "records" / "stats.json").is_file()
@@ -32,9 +57,68 @@ def test_repro_runs_data_stages_then_nothing_then_only_what_changed(repo):
     second = run(["dvc", "repro", "tfrecord"], repo)
     assert ran(second.stdout) == [], second.stdout
 
-    params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("seed: 42", "seed: 7"))
+    set_params(repo, **{"split.seed": 7})
     third = run(["dvc", "repro", "tfrecord"], repo)
     assert ran(third.stdout) == ["tfrecord"], third.stdout
-    status = run(["dvc", "status"], repo)
-    assert "up to date" in status.stdout, status.stdout
+    set_params(repo, **{"split.seed": 42})
+
+
+def test_whole_pipeline_then_a_train_param_reruns_train_and_eval_only(repo):
+    first = run(["dvc", "repro"], repo)
+    assert {"pretrained", "train", "eval"} <= set(ran(first.stdout)), first.stdout
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert metrics["step"] == 6 and 0.0 <= metrics["AP50"] <= 1.0
+
+    set_params(repo, **{"train.learning_rate": "0.002"})
+    again = run(["dvc", "repro"], repo)
+    assert ran(again.stdout) == ["train", "eval"], again.stdout
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline"], repo)
+
+
+def test_experiments_show_up_in_dvc_exp_show_and_mlflow(repo):
+    # A second model is just a second file: the tiny model with two anchor scales, not three.
+    tiny = (repo / "conf" / "model" / "retinanet_tiny.yaml").read_text()
+    (repo / "conf" / "model" / "retinanet_tiny_2s.yaml").write_text(
+        re.sub(r"(?m)^(\s*num_scales:) 3", r"\1 2", tiny, count=1))
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "second model"], repo)
+
+    run(["dvc", "exp", "run", "-n", "lr-exp", "-S", "train.learning_rate=0.004"], repo)
+    run(["dvc", "exp", "run", "-n", "2s-exp", "-S", "model=retinanet_tiny_2s"], repo)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    experiments = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for revision in exp.get("revs") or []:
+                data = revision["data"]
+                experiments[revision.get("name") or data.get("name")] = data
+    assert {"lr-exp", "2s-exp"} <= set(experiments), list(experiments)
+    for name in ("lr-exp", "2s-exp"):
+        dvc_ap50 = experiments[name]["metrics"]["metrics/eval.json"]["data"]["AP50"]
+        mlflow_ap50 = mlflow_metric(repo, name, "eval/AP50")
+        assert mlflow_ap50 == pytest.approx(dvc_ap50, abs=1e-9), name
+    assert experiments["2s-exp"]["params"]["params.yaml"]["data"]["model"] == "retinanet_tiny_2s"
+
+
+def mlflow_metric(repo, exp_name: str, key: str) -> float:
+    """The one MLflow run tagged with this DVC experiment name, and its metric."""
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        runs = db.execute("SELECT run_uuid FROM tags WHERE key = 'dvc_exp_name' AND value = ?",
+                          (exp_name,)).fetchall()
+        assert len(runs) == 1, (exp_name, runs)
+        (value,) = db.execute("SELECT value FROM latest_metrics WHERE run_uuid = ? AND key = ?",
+                              (runs[0][0], key)).fetchone()
+    return value
+
+
+def test_typo_in_params_fails_before_any_work(repo):
+    scratch = repo.parent / "typo"
+    shutil.copytree(repo, scratch, ignore=shutil.ignore_patterns("data", "models", ".dvc/cache"))
+    text = (scratch / "params.yaml").read_text().replace("learning_rate:", "learnig_rate:")
+    (scratch / "params.yaml").write_text(text)
+    result = run(["python", "-m", "stages.train", "--records", "data/records", "--pretrained", "models/pretrained",
+                  "--checkpoints", "models/checkpoints", "--log", "plots/train_log.csv"], scratch, check=False)
+    assert result.returncode != 0
+    assert "unknown key 'train.learnig_rate' (did you mean 'learning_rate'?)" in result.stderr
+    assert not (scratch / "models").exists()

@@ -1,0 +1,82 @@
+"""`make demo` wall time, and the train input pipeline's speed next to the train step's.
+
+1. Runs `make demo` (download -> ... -> eval on the embedded sample) in a fresh copy of
+   the repository and prints its wall time and the AP50 it reached. Goal: under 5 minutes
+   on 2 CPU cores.
+2. On the demo's records and model: images/s that ``detkit.data.train_dataset`` delivers
+   (parse, decode, resize, augment, batch) against images/s of the compiled model's train
+   step fed from memory. Goal: input at least 3x the step, so training is never input-bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.repo_copy import dvc_env, make_repo_copy
+
+GOAL_DEMO_S = 300
+GOAL_INPUT_RATIO = 3.0
+
+
+def time_demo(root: Path) -> float:
+    venv = Path(sys.executable).parent.parent
+    start = time.perf_counter()
+    subprocess.run(["make", "demo", f"VENV={venv}"], cwd=root, env=dvc_env(root), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def input_vs_step(root: Path, batches: int = 30) -> tuple[float, float]:
+    os.environ["DVC_ROOT"] = str(root)
+    from detkit import data, model
+    from detkit.config import load_config
+    from stages.train import make_optimizer, make_schedule
+
+    cfg = load_config()
+    t, records = cfg.train, root / "data" / "records"
+    label_map = model.load_label_map(records)
+    detector = model.build_detector(cfg.model, len(label_map))
+    detector.compile(optimizer=make_optimizer(t, make_schedule(t)),
+                     loss_weights={"bbox_regression": 1.0, "cls_logits": float(t.class_loss_weight)})
+    size = model.input_size(detector)
+    dataset = data.train_dataset(records, size, int(t.batch_size), t.augment, max_boxes=int(t.max_boxes),
+                                 shuffle_buffer=int(t.shuffle_buffer), seed=0, deterministic=bool(t.deterministic))
+    iterator = iter(dataset)
+    next(iterator)  # tracing and the shuffle buffer's first fill are start-up, not throughput
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    input_rate = batches * int(t.batch_size) / (time.perf_counter() - start)
+
+    in_memory = dataset.take(1).cache().repeat()
+    detector.fit(in_memory, epochs=1, steps_per_epoch=3, verbose=0)  # compile the step
+    start = time.perf_counter()
+    detector.fit(in_memory, epochs=1, steps_per_epoch=batches, verbose=0)
+    step_rate = batches * int(t.batch_size) / (time.perf_counter() - start)
+    return input_rate, step_rate
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_repo_copy(Path(tmp))
+        seconds = time_demo(root)
+        metrics = json.loads((root / "metrics" / "eval.json").read_text())
+        verdict = "met" if seconds < GOAL_DEMO_S else "NOT met"
+        print(f"make demo: {seconds:.0f} s wall (goal < {GOAL_DEMO_S} s: {verdict}); "
+              f"val AP50 {metrics['AP50']:.3f}, AP {metrics['AP']:.3f} after {metrics['step']} steps")
+        input_rate, step_rate = input_vs_step(root)
+    ratio = input_rate / step_rate
+    print(f"train input pipeline: {input_rate:8.1f} images/s")
+    print(f"train step (from memory): {step_rate:8.1f} images/s")
+    verdict = "met" if ratio >= GOAL_INPUT_RATIO else "NOT met"
+    print(f"input / step: {ratio:.1f}x (goal >= {GOAL_INPUT_RATIO}x: {verdict})")
+
+
+if __name__ == "__main__":
+    main()

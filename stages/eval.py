@@ -1,0 +1,155 @@
+"""DVC stage ``eval``: COCO metrics of the trained model on the val split.
+
+Runs the trained model (``models/checkpoints/final``) with the same resize and per-class NMS
+as the exported model, and writes
+
+- ``metrics/eval.json``: the 12 COCO numbers (AP, AP50, AP75, APs/m/l, AR1/10/100,
+  ARs/m/l), the image count and the training step: DVC metrics, shown by ``dvc exp show``;
+- ``metrics/per_class_ap.json``: AP per class name (null for a class absent from val);
+- ``plots/pr_curve.json``: precision at each recall point, IoU 0.5, averaged over classes;
+- ``plots/eval_samples/*.png``: val images with true (green, label below) and predicted
+  (red, label above) boxes named by class.
+
+and logs the metrics and the plots to the training's MLflow run (``mlflow_run.json`` in the
+checkpoints folder), so one run holds both.
+
+    python -m stages.eval --records data/records --checkpoints models/checkpoints \
+        --metrics metrics --plots plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from detkit.coco import ImageResult, evaluate
+from detkit.config import ConfigError, load_config
+from detkit.draw import PREDICTED, TRUE, detection_labels, draw_boxes
+from detkit.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
+from detkit.labelmap import read_label_map
+
+FINAL = "final"
+RUN_FILE = "mlflow_run.json"
+
+
+def predict_split(detector, decoder, records: Path, batch_size: int) -> tuple[list[ImageResult], dict[int, bytes]]:
+    """Detections for every val image, and the encoded images (by image id) for drawing."""
+    from detkit import data, model
+
+    results, encoded = [], {}
+    size = model.input_size(detector)
+    for batch in data.eval_dataset(records, size, batch_size, with_encoded=True):
+        out = {k: v.numpy() for k, v in model.detect(detector, batch["images"], decoder).items()}
+        for i in range(len(batch["height"])):
+            n_gt, n_det = int(batch["num_boxes"][i]), int(out["num_detections"][i])
+            image_id = len(results) + 1
+            results.append(ImageResult(
+                image_id=image_id,
+                width=int(batch["width"][i]),
+                height=int(batch["height"][i]),
+                gt_boxes=batch["boxes"][i][:n_gt].numpy(),
+                gt_labels=batch["labels"][i][:n_gt].numpy(),
+                boxes=out["detection_boxes"][i][:n_det],
+                classes=out["detection_classes"][i][:n_det].astype(int),
+                scores=out["detection_scores"][i][:n_det],
+            ))
+            encoded[image_id] = batch["encoded"][i].numpy()
+    return results, encoded
+
+
+def draw_samples(results: list[ImageResult], encoded: dict[int, bytes], label_map: dict[int, str],
+                 count: int, min_score: float, out: Path) -> list[Path]:
+    """Up to ``count`` val images, spread over the split, with true and predicted boxes."""
+    picks = np.linspace(0, len(results) - 1, num=min(count, len(results)), dtype=int) if results else []
+    written = []
+    for index in sorted(set(picks)):
+        r = results[index]
+        image = Image.open(io.BytesIO(encoded[r.image_id])).convert("RGB")
+        draw_boxes(image, r.gt_boxes, [label_map[int(c)] for c in r.gt_labels], TRUE, label_below=True)
+        keep = r.scores >= min_score
+        draw_boxes(image, r.boxes[keep], detection_labels(r.classes[keep], r.scores[keep], label_map), PREDICTED)
+        path = out / f"val_{r.image_id:05d}.png"
+        image.save(path)
+        written.append(path)
+    return written
+
+
+def log_to_mlflow(run_file: Path, metrics: dict[str, float], per_class: dict[str, float | None],
+                  artifacts: list[Path]) -> str | None:
+    """Add eval's metrics and files to the training's MLflow run; None when train logged none."""
+    if not run_file.is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    run = json.loads(run_file.read_text())
+    client = MlflowClient(tracking_uri=run["tracking_uri"])
+    for name, value in metrics.items():
+        client.log_metric(run["run_id"], f"eval/{name}", value)
+    for name, value in per_class.items():
+        if value is not None:
+            client.log_metric(run["run_id"], f"eval_ap/{name}", value)
+    for path in artifacts:
+        client.log_artifact(run["run_id"], str(path), "eval")
+    return run["run_id"]
+
+
+def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict[str, Any]:
+    """Evaluate ``inputs['checkpoints']/final`` on ``inputs['records']`` val shards."""
+    from detkit import model
+
+    records, checkpoints = Path(inputs["records"]), Path(inputs["checkpoints"])
+    detector, info = model.load_trained(checkpoints / FINAL)
+    decoder = model.make_decoder(detector, info.get("detection"))
+    label_map = read_label_map(records / "label_map.pbtxt")
+    results, encoded = predict_split(detector, decoder, records, cfg.eval.batch_size)
+    if not results:
+        raise ConfigError(f"{records}: the val split is empty; nothing to evaluate (see split.train_fraction)")
+    coco = evaluate(results, label_map, backend=cfg.eval.coco_backend)
+    metrics = {**coco["metrics"], "num_images": len(results), "step": int(info.get("step", 0))}
+
+    metrics_dir, plots_dir = Path(outputs["metrics"]), Path(outputs["plots"])
+    atomic_write_json(metrics_dir / "eval.json", metrics)
+    atomic_write_json(metrics_dir / "per_class_ap.json", coco["per_class_ap"])
+    atomic_write_bytes(plots_dir / "pr_curve.json", (json.dumps(coco["pr_curve"]) + "\n").encode())
+    with atomic_dir(plots_dir / "eval_samples") as tmp:
+        draw_samples(results, encoded, label_map, cfg.eval.num_samples, cfg.eval.sample_min_score, tmp)
+    samples = sorted((plots_dir / "eval_samples").iterdir())
+    run_id = log_to_mlflow(checkpoints / RUN_FILE, coco["metrics"], coco["per_class_ap"],
+                           [metrics_dir / "eval.json", metrics_dir / "per_class_ap.json",
+                            plots_dir / "pr_curve.json", *samples])
+    m = coco["metrics"]
+    print(f"eval: {len(results)} val images: AP {m['AP']:.3f}  AP50 {m['AP50']:.3f}  AP75 {m['AP75']:.3f}  "
+          f"AR100 {m['AR100']:.3f}" + (f"; logged to MLflow run {run_id}" if run_id else ""))
+    return {"metrics": metrics, "per_class_ap": coco["per_class_ap"], "samples": [str(p) for p in samples],
+            "mlflow_run_id": run_id}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", type=Path, required=True, help="tfrecord stage output")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="train stage output")
+    parser.add_argument("--metrics", type=Path, required=True, help="folder for eval.json, per_class_ap.json")
+    parser.add_argument("--plots", type=Path, required=True, help="folder for pr_curve.json, eval_samples/")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.params)
+        run(cfg, {"records": args.records, "checkpoints": args.checkpoints},
+            {"metrics": args.metrics, "plots": args.plots})
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

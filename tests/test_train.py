@@ -1,0 +1,164 @@
+"""stages.train: a short run writes log, checkpoints, final model and an MLflow run; a crashed run resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import keras
+import pytest
+from mlflow.tracking import MlflowClient
+
+from detkit import model as M
+from detkit.config import load_config
+from stages import train
+
+STEPS = 4
+OVERRIDES = [
+    "dataset=sample", "model=retinanet_tiny", "model.image_size=64",
+    f"train.steps={STEPS}", "train.batch_size=2", "train.checkpoint_every=2", "train.warmup_steps=1",
+    "train.learning_rate=0.003", "train.max_boxes=2", "train.shuffle_buffer=32",
+]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAt(keras.callbacks.Callback):
+    """Dies like a killed process would, after step ``step`` (its checkpoint, if any, is on disk)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.step:
+            raise Crash(f"simulated crash after step {self.step}")
+
+
+@pytest.fixture
+def paths(tmp_path, sample_records):
+    return {
+        "inputs": {"records": sample_records, "pretrained": tmp_path / "pretrained"},
+        "outputs": {"checkpoints": tmp_path / "checkpoints", "log": tmp_path / "plots" / "train_log.csv"},
+        "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+
+
+def _log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_short_run_writes_log_checkpoints_model_and_mlflow_run(paths, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-under-test")
+    cfg = load_config(overrides=OVERRIDES)
+    summary = train.run(cfg, paths["inputs"], paths["outputs"], tracking_uri=paths["uri"])
+    ckpt = paths["outputs"]["checkpoints"]
+
+    rows = _log(paths["outputs"]["log"])
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert list(rows[0]) == ["step", "loss", "box_loss", "class_loss", "learning_rate"]
+    assert float(rows[0]["learning_rate"]) == 0.0 and float(rows[1]["learning_rate"]) == pytest.approx(0.003)
+
+    index = json.loads((ckpt / "checkpoint.json").read_text())
+    assert index["step"] == STEPS and index["latest"] == "ckpt-0000004"
+    assert sorted(p.name for p in ckpt.glob("ckpt-*")) == ["ckpt-0000002", "ckpt-0000004"]
+    for name in ("model.weights.h5", "state.json", "train_log.csv"):
+        assert (ckpt / "ckpt-0000004" / name).is_file()
+
+    detector, info = M.load_trained(ckpt / "final")
+    assert info["num_classes"] == 37 and info["image_size"] == 64 and info["step"] == STEPS
+    assert info["label_offset"] == 1 and (ckpt / "final" / "label_map.pbtxt").is_file()
+    assert detector.num_classes == 37
+
+    run_file = json.loads((ckpt / "mlflow_run.json").read_text())
+    assert run_file["run_id"] == summary["mlflow_run_id"] and run_file["tracking_uri"] == paths["uri"]
+    client = MlflowClient(paths["uri"])
+    run = client.get_run(run_file["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == str(STEPS)
+    assert run.data.params["model.name"] == "retinanet_tiny"
+    assert run.data.params["model.backbone.stackwise_num_filters.1"] == "128"
+    assert run.data.tags["dvc_exp_name"] == "exp-under-test"
+    assert len(run.data.tags["git_revision"]) in (40, 7) or run.data.tags["git_revision"] == "unknown"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert {"learning_rate", "box_loss", "class_loss"} <= set(run.data.metrics)
+    assert "final" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+    # Re-running a finished training trains nothing and changes nothing.
+    again = train.run(cfg, paths["inputs"], paths["outputs"], tracking_uri=paths["uri"])
+    assert again["start_step"] == STEPS and again["mlflow_run_id"] == summary["mlflow_run_id"]
+
+
+@pytest.mark.slow
+def test_crashed_run_resumes_from_its_last_checkpoint(paths):
+    cfg = load_config(overrides=OVERRIDES)
+    ckpt = paths["outputs"]["checkpoints"]
+    with pytest.raises(Crash):
+        train.run(cfg, paths["inputs"], paths["outputs"], tracking_uri=paths["uri"], callbacks=[CrashAt(3)])
+    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 2
+    assert not (ckpt / "final").exists()
+    first_run = json.loads((ckpt / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(paths["uri"])
+    assert client.get_run(first_run).info.status == "FAILED"
+
+    summary = train.run(cfg, paths["inputs"], paths["outputs"], tracking_uri=paths["uri"])
+    assert summary["start_step"] == 2 and summary["resumed"] and summary["steps"] == STEPS
+    assert [int(r["step"]) for r in _log(paths["outputs"]["log"])] == [1, 2, 3, 4]
+    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == STEPS
+    _, info = M.load_trained(ckpt / "final")
+    assert info["step"] == STEPS
+    # The same MLflow run, each step logged once (step 3 of the crashed attempt was never sent).
+    assert summary["mlflow_run_id"] == first_run
+    assert client.get_run(first_run).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(first_run, "loss")) == [1, 2, 3, 4]
+    # The optimizer resumed too: its step counter continues from the checkpoint.
+    restored = M.build_detector(cfg.model, 37)
+    restored.compile(optimizer=train.make_optimizer(cfg.train, train.make_schedule(cfg.train)))
+    train.restore_checkpoint(ckpt / "ckpt-0000004", restored, STEPS)
+    assert int(restored.optimizer.iterations.numpy()) == STEPS
+    assert any(v.path.endswith("_momentum") and float(abs(v.numpy()).max()) > 0 for v in restored.optimizer.variables)
+    with pytest.raises(train.TrainError, match="optimizer state not restored"):
+        train.restore_checkpoint(ckpt / "ckpt-0000004", restored, STEPS + 1)
+
+    # Other params: the old checkpoints are not resumed, training starts over.
+    changed = load_config(overrides=[*OVERRIDES, "train.learning_rate=0.001"])
+    fresh = train.run(changed, paths["inputs"], paths["outputs"], tracking_uri=paths["uri"])
+    assert fresh["start_step"] == 0 and fresh["mlflow_run_id"] != first_run
+
+
+def test_bad_params_exit_2_with_a_message(tmp_path, capsys):
+    code = train.main(["--records", str(tmp_path), "--checkpoints", str(tmp_path / "c"), "--log",
+                       str(tmp_path / "l.csv"), "--params", "no-such-params.yaml"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_missing_records_exit_2(tmp_path, capsys):
+    code = train.main(["--records", str(tmp_path / "nothing"), "--checkpoints", str(tmp_path / "c"),
+                       "--log", str(tmp_path / "l.csv")])
+    assert code == 2
+    assert "label_map.pbtxt" in capsys.readouterr().err
+
+
+def test_flatten_names_every_leaf():
+    assert train.flatten({"a": {"b": 1, "c": [2, {"d": None}]}}) == {"a.b": "1", "a.c.0": "2", "a.c.1.d": "None"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.warmup_steps=5000", "train.warmup_steps"),
+    ("train.optimizer=adamm", "did you mean 'adam'"),
+    ("train.class_loss_weight=0", "train.class_loss_weight"),
+    ("train.augment.crop_min_scale=0", "crop_min_scale"),
+    ("model.pretrained=kaggle://x/y", "builder 'retinanet' trains from scratch"),
+    ("model.image_size=100", "multiple of 16"),
+])
+def test_bad_train_and_model_values_are_refused(override, message):
+    from detkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=["dataset=sample", "model=retinanet_tiny", "train.steps=1000", override])
