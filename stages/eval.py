@@ -35,9 +35,7 @@ from detkit.config import ConfigError, load_config
 from detkit.draw import PREDICTED, TRUE, detection_labels, draw_boxes
 from detkit.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
 from detkit.labelmap import read_label_map
-
-FINAL = "final"
-RUN_FILE = "mlflow_run.json"
+from stages.train import FINAL, RUN_FILE
 
 
 def predict_split(detector, decoder, records: Path, batch_size: int) -> tuple[list[ImageResult], dict[int, bytes]]:
