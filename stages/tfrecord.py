@@ -10,14 +10,16 @@ input order, so the shards are byte-identical for the same inputs and params.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import multiprocessing
 import os
 import random
 import sys
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,13 +229,20 @@ def load_example(task: Task) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the stage
 
 
-def _results(tasks: list[Task], workers: int) -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def _mapper(workers: int) -> Iterator[Callable[[list[Task]], Iterator[dict[str, Any]]]]:
+    """``map`` of ``load_example`` in input order: in-process for one worker, else one pool for
+    the whole run (starting processes costs as much as decoding hundreds of images).
+
+    Forked workers start at once; but forking a process that holds TensorFlow's threads can
+    deadlock, so a parent that has already imported TensorFlow spawns fresh interpreters.
+    """
     if workers <= 1:
-        yield from map(load_example, tasks)
+        yield lambda tasks: map(load_example, tasks)
         return
-    # spawn, not fork: the parent may already hold TensorFlow's threads.
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(load_example, tasks, chunksize=8)
+    method = "spawn" if "tensorflow" in sys.modules else "fork"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield lambda tasks: pool.imap(load_example, tasks, chunksize=16)
 
 
 def _shard_names(split: str, count: int) -> list[str]:
@@ -246,12 +255,18 @@ def default_workers() -> int:
 
 def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | None = None) -> dict[str, Any]:
     """Build ``outputs["records"]`` (shards, label_map.pbtxt, stats.json) from ``inputs["raw"]``."""
-    import tensorflow as tf  # the pool is spawned, so the parent may hold TF
+    raw, out = Path(inputs["raw"]), Path(outputs["records"])
+    workers = workers or default_workers()
+    with _mapper(workers) as load_all:  # before TensorFlow is imported: see _mapper
+        return _write_records(cfg, raw, out, load_all)
+
+
+def _write_records(cfg, raw: Path, out: Path, load_all) -> dict[str, Any]:
+    import tensorflow as tf
 
     from detkit.records import encode_example
 
-    raw, out = Path(inputs["raw"]), Path(outputs["records"])
-    workers = workers or default_workers()
+    started = time.perf_counter()
     if cfg.dataset.layout == "pets":
         rows, listed, label_map = list_pets(raw)
     else:
@@ -287,7 +302,7 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | N
             writers = [tf.io.TFRecordWriter(str(tmp / n)) for n in names]
             per_class: Counter[str] = Counter()
             written = boxes = 0
-            results = _results(tasks, workers)
+            results = load_all(tasks)
             for task, result in zip(tasks, tqdm(results, total=len(tasks), desc=f"tfrecord {split}", unit="img")):
                 if result.get("repairs"):
                     stats["repaired"].append({"file": task.rel, "split": split, "reasons": result["repairs"]})
@@ -312,7 +327,10 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | N
                 stats["ignored"].append({"file": f"images/{path.name}", "reason": _ignored_reason(path)})
         write_label_map(tmp / "label_map.pbtxt", label_map)
         atomic_write_json(tmp / "stats.json", stats)
+    seconds = time.perf_counter() - started
     _print_summary(stats, out)
+    total = sum(s["examples"] for s in stats["splits"].values())
+    print(f"tfrecord: {total} examples in {seconds:.2f} s ({total / seconds:.1f} images/s)")
     return stats
 
 
