@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import io
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,7 @@ def timed_run(raw: Path, out: Path, workers: int) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-class", type=int, default=55, help="images per breed (37 breeds)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (best of each)")
     args = parser.parse_args()
     cfg = load_config(overrides=["dataset=sample"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,15 +91,23 @@ def main() -> None:
         megabytes = sum(p.stat().st_size for p in (tmp / "raw" / "images").iterdir()) / 1e6
         print(f"bench set: {count} JPEGs, 400-500 x 300-500 px, {megabytes:.0f} MB")
         workers = tfrecord.default_workers()
-        base_s, n = timed_run(tmp / "raw", tmp / "one", workers=1)
-        pool_s, m = timed_run(tmp / "raw", tmp / "pool", workers=workers)
-        assert n == m
-        same = all((tmp / "one" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "pool").iterdir())
+        # Interleaved rounds, best of each: a shared VM's noise (steal, other tenants) only
+        # ever slows a run down, so the fastest round is the closest to the code's own cost.
+        base_s = pool_s = float("inf")
+        round_ratios = []
+        for round_ in range(args.rounds):
+            one, n = timed_run(tmp / "raw", tmp / f"one{round_}", workers=1)
+            pool, m = timed_run(tmp / "raw", tmp / f"pool{round_}", workers=workers)
+            assert n == m
+            print(f"  round {round_ + 1}: baseline {one:.2f} s, stage {pool:.2f} s ({one / pool:.2f}x)")
+            base_s, pool_s = min(base_s, one), min(pool_s, pool)
+            round_ratios.append(one / pool)
+        same = all((tmp / "one0" / p.name).read_bytes() == p.read_bytes() for p in (tmp / "pool0").iterdir())
     ratio = base_s / pool_s
-    print(f"tfrecord baseline (1 process, one file at a time): {n / base_s:8.1f} images/s  ({base_s:.1f} s)")
-    print(f"tfrecord stage ({workers} worker processes):       {m / pool_s:8.1f} images/s  ({pool_s:.1f} s)")
+    print(f"tfrecord baseline (1 process, one file at a time): {n / base_s:8.1f} images/s  ({base_s:.2f} s, best)")
+    print(f"tfrecord stage ({workers} worker processes):       {m / pool_s:8.1f} images/s  ({pool_s:.2f} s, best)")
     print(f"tfrecord speed-up: {ratio:.2f}x (goal >= {GOAL}x on 2 cores: {'met' if ratio >= GOAL else 'NOT met'}); "
-          f"outputs byte-identical: {same}")
+          f"median of the rounds' own ratios {statistics.median(round_ratios):.2f}x; outputs byte-identical: {same}")
 
 
 if __name__ == "__main__":

@@ -1,43 +1,84 @@
 """The TF Object Detection API's tf.train.Example keys (DESIGN 4.2), written and parsed here
-only, so records made by this project feed TF OD API tooling and vice versa."""
+only, so records made by this project feed TF OD API tooling and vice versa.
+
+Examples are serialised without TensorFlow: ``tf.train.Example``'s schema (TF's
+``feature.proto`` / ``example.proto``) is declared below in a private protobuf descriptor
+pool, so the tfrecord stage's worker processes build finished records and the parent only
+writes bytes. Same wire format, so TensorFlow parses them as its own.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+
 BOX_KEYS = ("xmin", "xmax", "ymin", "ymax")
+
+# tensorflow/core/example/{feature,example}.proto, the messages that Example needs.
+_EXAMPLE_PROTO = """
+name: "detkit/tf_example.proto" package: "tensorflow" syntax: "proto3"
+message_type { name: "BytesList"
+  field { name: "value" number: 1 label: LABEL_REPEATED type: TYPE_BYTES } }
+message_type { name: "FloatList"
+  field { name: "value" number: 1 label: LABEL_REPEATED type: TYPE_FLOAT } }
+message_type { name: "Int64List"
+  field { name: "value" number: 1 label: LABEL_REPEATED type: TYPE_INT64 } }
+message_type { name: "Feature"
+  field { name: "bytes_list" number: 1 label: LABEL_OPTIONAL type: TYPE_MESSAGE
+          type_name: ".tensorflow.BytesList" oneof_index: 0 }
+  field { name: "float_list" number: 2 label: LABEL_OPTIONAL type: TYPE_MESSAGE
+          type_name: ".tensorflow.FloatList" oneof_index: 0 }
+  field { name: "int64_list" number: 3 label: LABEL_OPTIONAL type: TYPE_MESSAGE
+          type_name: ".tensorflow.Int64List" oneof_index: 0 }
+  oneof_decl { name: "kind" } }
+message_type { name: "Features"
+  field { name: "feature" number: 1 label: LABEL_REPEATED type: TYPE_MESSAGE
+          type_name: ".tensorflow.Features.FeatureEntry" }
+  nested_type { name: "FeatureEntry" options { map_entry: true }
+    field { name: "key" number: 1 label: LABEL_OPTIONAL type: TYPE_STRING }
+    field { name: "value" number: 2 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".tensorflow.Feature" } } }
+message_type { name: "Example"
+  field { name: "features" number: 1 label: LABEL_OPTIONAL type: TYPE_MESSAGE type_name: ".tensorflow.Features" } }
+"""
+
+
+@functools.cache
+def _example_class():
+    pool = descriptor_pool.DescriptorPool()  # private: TensorFlow registers the real file in the default one
+    pool.Add(text_format.Parse(_EXAMPLE_PROTO, descriptor_pb2.FileDescriptorProto()))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
 
 
 def encode_example(record: dict[str, Any]) -> bytes:
     """Serialise one image's record (see ``stages.tfrecord.load_example``) deterministically."""
-    import tensorflow as tf
+    example = _example_class()()
+    feature = example.features.feature
 
-    def ints(values):
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+    def ints(key, values):
+        feature[key].int64_list.value.extend(values)
 
-    def floats(values):
-        return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+    def floats(key, values):
+        feature[key].float_list.value.extend(values)
 
-    def strings(values):
-        encoded = [v if isinstance(v, bytes) else v.encode() for v in values]
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=encoded))
+    def strings(key, values):
+        feature[key].bytes_list.value.extend(v if isinstance(v, bytes) else v.encode() for v in values)
 
-    feature = {
-        "image/height": ints([record["height"]]),
-        "image/width": ints([record["width"]]),
-        "image/filename": strings([record["filename"]]),
-        "image/source_id": strings([record["filename"]]),
-        "image/key/sha256": strings([record["sha256"]]),
-        "image/encoded": strings([record["encoded"]]),
-        "image/format": strings([b"jpeg"]),
-        **{f"image/object/bbox/{k}": floats(record[k]) for k in BOX_KEYS},
-        "image/object/class/text": strings(record["text"]),
-        "image/object/class/label": ints(record["label"]),
-        "image/object/difficult": ints(record["difficult"]),
-        "image/object/truncated": ints(record["truncated"]),
-        "image/object/view": strings(record["view"]),
-    }
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
+    ints("image/height", [record["height"]])
+    ints("image/width", [record["width"]])
+    strings("image/filename", [record["filename"]])
+    strings("image/source_id", [record["filename"]])
+    strings("image/key/sha256", [record["sha256"]])
+    strings("image/encoded", [record["encoded"]])
+    strings("image/format", [b"jpeg"])
+    for k in BOX_KEYS:
+        floats(f"image/object/bbox/{k}", record[k])
+    strings("image/object/class/text", record["text"])
+    ints("image/object/class/label", record["label"])
+    ints("image/object/difficult", record["difficult"])
+    ints("image/object/truncated", record["truncated"])
+    strings("image/object/view", record["view"])
     # Map fields serialise in arbitrary order unless asked: byte-identical shards need this.
     return example.SerializeToString(deterministic=True)
 

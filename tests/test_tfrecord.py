@@ -182,3 +182,26 @@ def test_missing_list_file_is_named(cfg, tmp_path):
     with pytest.raises(tfrecord.DatasetError, match="annotations/trainval.txt: missing"):
         tfrecord.run(cfg, {"raw": tmp_path / "raw"}, {"records": tmp_path / "out"})
     assert not (tmp_path / "out").exists()
+
+
+def test_worker_pool_hands_examples_over_in_order_and_cleans_up(sample_raw, tmp_path):
+    # Small spill files force rotation: the parent deletes each once its worker moved on.
+    rows, _, label_map = tfrecord.list_pets(sample_raw)
+    ids = {name: i for i, name in label_map.items()}
+    names = tfrecord.file_names(sample_raw / "images")
+    tasks = [tfrecord.Task(str(sample_raw / "images" / image), str(sample_raw / "annotations" / "xmls" / f"{stem}.xml"),
+                           image, breed)
+             for stem, breed in rows if (image := tfrecord.find_image(names, stem))
+             and (sample_raw / "annotations" / "xmls" / f"{stem}.xml").is_file()]
+    in_process = [tfrecord.load_example(task, ids) for task in tasks]
+    seen, most_at_once = set(), 0
+    with tfrecord._mapper(2, tmp_path, spill_rotate_bytes=50_000) as load_all:
+        pooled = []
+        for result in load_all(tasks, ids):
+            pooled.append(result)
+            now = {p.name for p in tmp_path.glob(".tfrecord-spill-*/*.bin")}
+            seen |= now
+            most_at_once = max(most_at_once, len(now))
+    assert pooled == in_process
+    assert most_at_once < len(seen)  # read files went away during the run, not only at its end
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,50 @@
+"""detkit.records serialises tf.train.Example without TensorFlow: TensorFlow's own
+serialisation of the same features must give the very same bytes."""
+
+import tensorflow as tf
+
+from detkit.records import BOX_KEYS, encode_example, feature_spec
+
+RECORD = {
+    "height": 375, "width": 500, "filename": "Abyssinian_1.jpg", "sha256": "ab" * 32,
+    "encoded": bytes(range(256)) * 40,
+    "xmin": [0.1, 0.5], "xmax": [0.4, 0.9], "ymin": [0.2, 0.25], "ymax": [0.6, 0.75],
+    "text": ["Abyssinian", "Abyssinian"], "label": [1, 1], "difficult": [0, 1], "truncated": [0, 0],
+    "view": ["Frontal", ""],
+}
+
+
+def _tensorflow_example(record) -> bytes:
+    def ints(values):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+    def strings(values):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v if isinstance(v, bytes) else v.encode()
+                                                                      for v in values]))
+
+    feature = {
+        "image/height": ints([record["height"]]), "image/width": ints([record["width"]]),
+        "image/filename": strings([record["filename"]]), "image/source_id": strings([record["filename"]]),
+        "image/key/sha256": strings([record["sha256"]]), "image/encoded": strings([record["encoded"]]),
+        "image/format": strings(["jpeg"]),
+        **{f"image/object/bbox/{k}": tf.train.Feature(float_list=tf.train.FloatList(value=record[k]))
+           for k in BOX_KEYS},
+        "image/object/class/text": strings(record["text"]), "image/object/class/label": ints(record["label"]),
+        "image/object/difficult": ints(record["difficult"]), "image/object/truncated": ints(record["truncated"]),
+        "image/object/view": strings(record["view"]),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+
+
+def test_bytes_equal_tensorflows_own_example():
+    assert encode_example(RECORD) == _tensorflow_example(RECORD)
+
+
+def test_parses_with_the_od_api_spec():
+    parsed = tf.io.parse_single_example(encode_example(RECORD), feature_spec())
+    assert parsed["image/encoded"].numpy() == RECORD["encoded"]
+    assert parsed["image/height"].numpy() == 375
+    for k in BOX_KEYS:
+        assert tf.sparse.to_dense(parsed[f"image/object/bbox/{k}"]).numpy().tolist() == \
+            [float(tf.constant(v, tf.float32)) for v in RECORD[k]]
+    assert tf.sparse.to_dense(parsed["image/object/view"]).numpy().tolist() == [b"Frontal", b""]
