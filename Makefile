@@ -5,6 +5,12 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
+# Serving: the export folder (dvc.yaml's export stage writes it) and the local port.
+EXPORT_DIR ?= models/export
+MODEL_NAME ?= $(shell $(PYTHON) -m detkit.config export.model_name)
+SERVE_PORT ?= 8080
+URL ?= http://127.0.0.1:$(SERVE_PORT)/invocations
+IMAGE ?=
 # The demo's params: the embedded sample, the tiny model and a training budget that CPUs finish
 # in about 3 minutes (README: make demo).
 DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learning_rate=0.002 \
@@ -15,7 +21,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo repro bench clean
+.PHONY: help setup test lint demo repro bench clean serve predict
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^## / {printf "\n%s\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,8 +41,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: lint ## lint, then run the whole test suite (offline)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-lint: ## ruff on the code
+lint: ## ruff on the code, shellcheck on the scripts
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/shellcheck serving/*.sh
 
 ## Pipeline
 demo: ## the whole pipeline on the embedded sample with the tiny model, as a DVC experiment (CPU, minutes)
@@ -51,5 +58,15 @@ bench: ## print the speed benchmarks (figures and ratios against in-run baseline
 	$(PYTHON) -m benchmarks.tfrecord_throughput
 	$(PYTHON) -m benchmarks.demo_pipeline
 
+## Serving (local)
+serve: ## serve the newest export on 127.0.0.1:8080 (SERVE_PORT=...): the container's nginx + entrypoint, TF Serving stand-in
+	MODEL_NAME=$(MODEL_NAME) MODEL_BASE_PATH=$(EXPORT_DIR) NGINX_LISTEN=127.0.0.1:$(SERVE_PORT) \
+	  TFS_BIN="$(PYTHON) -m detkit.tfserving" serving/entrypoint.sh
+
+predict: ## IMAGE=<file> [URL=...]: send an image the tutorial's way, print and draw the detections
+	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/image.jpg [URL=$(URL)]"; exit 2; }
+	$(PYTHON) -m detkit.predict "$(IMAGE)" --url "$(URL)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
+
+## Housekeeping
 clean: ## remove generated artefacts (not the download cache)
 	rm -rf data/raw data/records metrics plots build models

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,16 @@ class Eval:
 
 
 @dataclass
+class Export:
+    model_name: str = "pet_object_detection"
+    version: int | None = None
+    max_detections: int = 100
+    extra_signatures: list[str] = field(default_factory=list)
+    check_images: int = 16
+    check_tolerance: float = 1e-4
+
+
+@dataclass
 class Config:
     dataset: Dataset = field(default_factory=Dataset)
     split: Split = field(default_factory=Split)
@@ -170,6 +181,7 @@ class Config:
     model: Model = field(default_factory=Model)
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)
+    export: Export = field(default_factory=Export)
 
 
 LAYOUTS = ("pets", "voc")
@@ -178,6 +190,7 @@ BUILDERS = ("retinanet", "preset")
 BLOCK_TYPES = ("basic_block", "bottleneck_block", "basic_block_vd", "bottleneck_block_vd")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+EXTRA_SIGNATURES = ("image_tensor", "tf_example")
 
 
 def repo_root() -> Path:
@@ -293,6 +306,21 @@ def _validate_values(cfg: DictConfig) -> None:
     _one_of("eval.coco_backend", cfg.eval.coco_backend, COCO_BACKENDS)
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {cfg.eval.batch_size} must be at least 1")
+    _validate_export(cfg.export)
+
+
+def _validate_export(e: DictConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", e.model_name):
+        raise ConfigError(f"export.model_name: '{e.model_name}' must be letters, digits, '_', '.', '-' "
+                          "(it is a folder name and part of the serving URL)")
+    if e.version is not None and e.version < 1:
+        raise ConfigError(f"export.version: {e.version} must be at least 1, or null for the next free one")
+    for name in e.extra_signatures:
+        _one_of("export.extra_signatures", name, EXTRA_SIGNATURES)
+    if e.max_detections < 1 or e.check_images < 1:
+        raise ConfigError("export.max_detections and export.check_images must be at least 1")
+    if e.check_tolerance <= 0:
+        raise ConfigError(f"export.check_tolerance: {e.check_tolerance} must be positive")
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -365,3 +393,28 @@ def _validate_train(t: DictConfig) -> None:
         raise ConfigError(f"train.augment.crop_min_scale: {a.crop_min_scale} must be in [0.1, 1] (1 = no crop)")
     if not 0.0 <= a.brightness < 1.0 or not 0.0 <= a.contrast < 1.0:
         raise ConfigError("train.augment.brightness and .contrast must be in [0, 1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m detkit.config KEY``: print one composed, validated value (for the Makefile)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m detkit.config", description=main.__doc__)
+    parser.add_argument("key", help="dotted key, e.g. export.model_name")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        value = OmegaConf.select(load_config(args.params), args.key, throw_on_missing=True)
+    except (ConfigError, OmegaConfBaseException) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if value is None:
+        print(f"error: no config key '{args.key}'", file=sys.stderr)
+        return 2
+    print(OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else value)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -57,3 +57,36 @@ def demo_repo(tmp_path_factory) -> Path:
                             capture_output=True, text=True)
     assert result.returncode == 0, f"make demo failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return root
+
+
+@pytest.fixture(scope="session")
+def served(demo_repo):
+    """The demo's export served as `make serve` does: entrypoint + nginx + TF Serving stand-in."""
+    from tests.serving import ServingStack
+
+    with ServingStack(demo_repo / "models" / "export") as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def val_examples(demo_repo) -> list[dict]:
+    """The demo's val examples, parsed: encoded image, size, true boxes and labels."""
+    import tensorflow as tf
+
+    from detkit.data import shard_files
+    from detkit.records import feature_spec
+
+    examples = []
+    for serialized in tf.data.TFRecordDataset(shard_files(demo_repo / "data" / "records", "val")):
+        ex = tf.io.parse_single_example(serialized, feature_spec())
+        dense = {k: tf.sparse.to_dense(v).numpy() if isinstance(v, tf.SparseTensor) else v.numpy()
+                 for k, v in ex.items()}
+        examples.append({
+            "encoded": dense["image/encoded"],
+            "filename": dense["image/filename"].decode(),
+            "boxes": [[ymin, xmin, ymax, xmax] for ymin, xmin, ymax, xmax in zip(
+                dense["image/object/bbox/ymin"], dense["image/object/bbox/xmin"],
+                dense["image/object/bbox/ymax"], dense["image/object/bbox/xmax"])],
+            "labels": dense["image/object/class/label"].tolist(),
+        })
+    return examples

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The container's entrypoint (SageMaker runs `docker run <image> serve`): TF Serving behind
+# nginx. Either process dying stops the other and the container; SIGTERM stops both.
+# `make serve` runs this same script with the local TF Serving stand-in as TFS_BIN.
+set -euo pipefail
+
+MODEL_NAME="${MODEL_NAME:-pet_object_detection}"
+MODEL_BASE_PATH="${MODEL_BASE_PATH:-/models}"  # holds ${MODEL_NAME}/<version>/saved_model.pb
+NGINX_LISTEN="${NGINX_LISTEN:-8080}"  # SageMaker sends /ping and /invocations here
+TFS_REST_PORT="${TFS_REST_PORT:-8501}"
+TFS_GRPC_PORT="${TFS_GRPC_PORT:-8500}"
+TFS_BIN="${TFS_BIN:-tensorflow_model_server}"  # a command line: the stand-in is `python -m detkit.tfserving`
+NGINX_BIN="${NGINX_BIN:-nginx}"
+SERVING_DIR="${SERVING_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
+# TF Serving's request batching (off by default): on trades latency for throughput under load.
+TFS_ENABLE_BATCHING="${TFS_ENABLE_BATCHING:-false}"
+TFS_MAX_BATCH_SIZE="${TFS_MAX_BATCH_SIZE:-8}"
+TFS_BATCH_TIMEOUT_MICROS="${TFS_BATCH_TIMEOUT_MICROS:-2000}"
+TFS_NUM_BATCH_THREADS="${TFS_NUM_BATCH_THREADS:-$(nproc)}"
+TFS_MAX_ENQUEUED_BATCHES="${TFS_MAX_ENQUEUED_BATCHES:-100}"
+
+if [[ "${1:-serve}" != "serve" ]]; then
+  exec "$@"  # e.g. `docker run <image> bash`
+fi
+
+NGINX_RUNTIME_DIR="$(mktemp -d "${TMPDIR:-/tmp}/serving.XXXXXX")"
+export MODEL_NAME NGINX_LISTEN TFS_REST_PORT
+"$SERVING_DIR/render-nginx-conf.sh" "$NGINX_RUNTIME_DIR"
+
+batching=()
+if [[ "$TFS_ENABLE_BATCHING" == "true" ]]; then
+  cat > "$NGINX_RUNTIME_DIR/batching.config" <<CONFIG
+max_batch_size { value: $TFS_MAX_BATCH_SIZE }
+batch_timeout_micros { value: $TFS_BATCH_TIMEOUT_MICROS }
+num_batch_threads { value: $TFS_NUM_BATCH_THREADS }
+max_enqueued_batches { value: $TFS_MAX_ENQUEUED_BATCHES }
+CONFIG
+  batching=(--enable_batching=true "--batching_parameters_file=$NGINX_RUNTIME_DIR/batching.config")
+fi
+
+read -r -a tfs_command <<< "$TFS_BIN"
+"${tfs_command[@]}" --port="$TFS_GRPC_PORT" --rest_api_port="$TFS_REST_PORT" --model_name="$MODEL_NAME" \
+  --model_base_path="$MODEL_BASE_PATH/$MODEL_NAME" "${batching[@]}" &
+tfs_pid=$!
+"$NGINX_BIN" -e stderr -c "$NGINX_RUNTIME_DIR/nginx.conf" &
+nginx_pid=$!
+echo "entrypoint: TF Serving (pid $tfs_pid, REST port $TFS_REST_PORT) behind nginx (pid $nginx_pid, $NGINX_LISTEN)," \
+  "model $MODEL_NAME from $MODEL_BASE_PATH/$MODEL_NAME"
+
+stopping=0
+stop() {
+  stopping=1
+  kill -TERM "$tfs_pid" "$nginx_pid" 2>/dev/null || true
+}
+trap stop TERM INT
+
+status=0
+wait -n "$tfs_pid" "$nginx_pid" || status=$?
+asked_to_stop=$stopping
+if [[ "$asked_to_stop" == "0" ]]; then
+  echo "entrypoint: a server exited (status $status): stopping the other" >&2
+fi
+stop
+wait "$tfs_pid" "$nginx_pid" 2>/dev/null || true
+rm -rf "$NGINX_RUNTIME_DIR"
+if [[ "$asked_to_stop" == "1" ]]; then status=0; fi  # a requested stop is a clean exit
+exit "$status"

@@ -1,0 +1,126 @@
+"""The export stage on the model that `make demo` trained: TF Serving layout, the DESIGN 4.3
+signature (as saved_model_cli shows it), the export check, versions, extra signatures."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from detkit import model
+from detkit.config import load_config
+from detkit.labelmap import read_label_map
+from stages import export
+from stages.train import FINAL
+
+pytestmark = pytest.mark.slow
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def version_1(demo_repo) -> Path:
+    return demo_repo / "models" / "export" / "pet_object_detection" / "1"
+
+
+@pytest.fixture(scope="module")
+def reexported(demo_repo, tmp_path_factory):
+    """The demo's export folder copied, then exported again with both extra signatures."""
+    out = tmp_path_factory.mktemp("export") / "export"
+    shutil.copytree(demo_repo / "models" / "export", out)
+    before = tree_digest(out / "pet_object_detection" / "1")
+    cfg = load_config(overrides=["dataset=sample", "export.extra_signatures=[image_tensor,tf_example]",
+                                 "export.max_detections=20"])
+    summary = export.run(cfg, {"checkpoints": demo_repo / "models" / "checkpoints",
+                               "records": demo_repo / "data" / "records"}, {"export": out})
+    return out, before, summary
+
+
+def test_layout_is_tf_servings_with_label_map_and_passed_check(demo_repo, version_1):
+    assert (version_1 / "saved_model.pb").is_file() and (version_1 / "variables" / "variables.index").is_file()
+    assert read_label_map(version_1 / "assets.extra" / "label_map.pbtxt") == \
+        read_label_map(demo_repo / "data" / "records" / "label_map.pbtxt")
+    check = json.loads((version_1 / "assets.extra" / "export_check.json").read_text())
+    assert check["passed"] and check["images"] == 16 and check["version"] == 1
+    assert max(check["max_abs_difference"].values()) <= check["tolerance"] == 1e-4
+
+
+def test_saved_model_cli_shows_the_design_signature(version_1):
+    text = subprocess.run([str(Path(sys.executable).with_name("saved_model_cli")), "show", "--dir", str(version_1),
+                           "--tag_set", "serve", "--signature_def", "serving_default"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "inputs['inputs'] tensor_info:\n      dtype: DT_STRING\n      shape: (-1)" in text
+    assert "outputs['detection_boxes'] tensor_info:\n      dtype: DT_FLOAT\n      shape: (-1, 100, 4)" in text
+    for name in ("detection_classes", "detection_scores"):
+        assert f"outputs['{name}'] tensor_info:\n      dtype: DT_FLOAT\n      shape: (-1, 100)" in text
+    assert "outputs['num_detections'] tensor_info:\n      dtype: DT_FLOAT\n      shape: (-1)" in text
+    assert export.saved_model_cli_show(version_1, "serving_default") == \
+        export.expected_signature(100)
+
+
+def test_reexport_adds_a_version_and_leaves_the_old_one(reexported):
+    out, before, summary = reexported
+    assert summary["version"] == 2 and summary["check"]["passed"]
+    assert tree_digest(out / "pet_object_detection" / "1") == before
+    shown = export.saved_model_cli_show(out / "pet_object_detection" / "2", "serving_default")
+    assert shown["outputs"]["detection_boxes"] == ["DT_FLOAT", "(-1, 20, 4)"]
+
+
+def test_an_existing_version_is_never_overwritten(reexported, demo_repo):
+    out, _, _ = reexported
+    before = tree_digest(out)
+    cfg = load_config(overrides=["dataset=sample", "export.version=1"])
+    with pytest.raises(export.ExportError, match="version 1 exists and is never overwritten"):
+        export.run(cfg, {"checkpoints": demo_repo / "models" / "checkpoints",
+                         "records": demo_repo / "data" / "records"}, {"export": out})
+    assert tree_digest(out) == before
+
+
+def test_extra_signatures_agree_with_serving_default(reexported, val_examples):
+    out, _, _ = reexported
+    loaded = tf.saved_model.load(str(out / "pet_object_detection" / "2"))
+    for name in ("image_tensor", "tf_example"):
+        shown = export.saved_model_cli_show(out / "pet_object_detection" / "2", name)
+        assert shown == export.expected_signature(20, name)
+    encoded = val_examples[0]["encoded"]
+    reference = loaded.signatures["serving_default"](inputs=tf.constant([encoded]))
+    pixels = tf.io.decode_jpeg(encoded, channels=3)[None]  # TensorFlow's decoder, as serving_default's
+    from_tensor = loaded.signatures["image_tensor"](inputs=pixels)
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}))
+    from_example = loaded.signatures["tf_example"](inputs=tf.constant([example.SerializeToString()]))
+    for got in (from_tensor, from_example):
+        assert got["num_detections"].numpy() == reference["num_detections"].numpy()
+        for key in ("detection_boxes", "detection_scores", "detection_classes"):
+            np.testing.assert_allclose(got[key].numpy(), reference[key].numpy(), atol=1e-5)
+
+
+def test_animated_gif_is_read_by_its_first_frame(version_1, val_examples):
+    frames = [Image.open(io.BytesIO(val_examples[i]["encoded"])).convert("RGB").resize((200, 160)) for i in (0, 1)]
+    animated, still = io.BytesIO(), io.BytesIO()
+    frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:])
+    frames[0].save(still, "GIF")
+    serve = tf.saved_model.load(str(version_1)).signatures["serving_default"]
+    got = serve(inputs=tf.constant([animated.getvalue(), still.getvalue()]))
+    np.testing.assert_allclose(got["detection_boxes"][0], got["detection_boxes"][1], atol=1e-6)
+
+
+def test_check_fails_when_the_export_differs_from_the_model(demo_repo, version_1, val_examples):
+    detector, info = model.load_trained(demo_repo / "models" / "checkpoints" / FINAL)
+    stricter = model.make_decoder(detector, info["detection"], score_threshold=0.5)
+    check = export.check_export(version_1, detector, stricter, [e["encoded"] for e in val_examples[:4]],
+                                tolerance=1e-4, max_detections=100, signatures=["serving_default"])
+    assert not check["passed"]
+    assert not check["num_detections_equal"]

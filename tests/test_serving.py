@@ -1,0 +1,61 @@
+"""serving/: the container's nginx config and entrypoint, run on the host with the TF Serving
+stand-in in place of the binary (the container runs the real one)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests.serving import REPO_ROOT, ServingStack, alive, descendants
+
+pytestmark = pytest.mark.slow
+
+
+def test_rendered_nginx_config_passes_nginx_t(tmp_path):
+    env = dict(os.environ, MODEL_NAME="pet_object_detection", NGINX_LISTEN="127.0.0.1:8080", TFS_REST_PORT="8501")
+    subprocess.run([str(REPO_ROOT / "serving" / "render-nginx-conf.sh"), str(tmp_path)], env=env, check=True)
+    config = (tmp_path / "nginx.conf").read_text()
+    assert "proxy_pass http://tensorflow_serving/v1/models/pet_object_detection:predict;" in config
+    assert "client_max_body_size 6m;" in config and "proxy_read_timeout 60s;" in config
+    assert "${" not in config  # every placeholder filled; nginx's own $variables stay
+    result = subprocess.run(["nginx", "-t", "-e", "stderr", "-c", str(tmp_path / "nginx.conf")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_sigterm_stops_both_servers_within_30_s(demo_repo):
+    with ServingStack(demo_repo / "models" / "export") as stack:
+        servers = descendants(stack.process.pid)
+        assert len(servers) >= 3  # TF Serving stand-in (+ its worker), nginx master + workers
+        seconds = stack.stop(timeout_s=30)
+        print(f"entrypoint: both servers stopped {seconds:.1f} s after SIGTERM")
+        assert stack.process.returncode == 0
+        assert not [pid for pid in servers if alive(pid)]
+        assert seconds < 30
+        with pytest.raises(requests.ConnectionError):
+            requests.get(stack.ping_url, timeout=5)
+
+
+def test_a_dying_model_server_takes_nginx_and_the_container_down(demo_repo):
+    stack = ServingStack(demo_repo / "models" / "export").start()
+    try:
+        stack.wait_ready()
+        model_server = descendants(stack.process.pid)[0]  # started first: TF Serving
+        os.kill(model_server, signal.SIGKILL)
+        stack.process.wait(timeout=30)
+        assert stack.process.returncode != 0
+        assert "a server exited" in stack.output()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in descendants(stack.process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(stack.ping_url, timeout=5)
+    finally:
+        if stack.process.poll() is None:
+            stack.stop()

@@ -1,0 +1,179 @@
+"""The TF Serving REST stand-in behind the container's nginx config, serving the model that
+`make demo` trained and exported: the tutorial's requests, bad requests, load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from detkit.predict import request_body
+
+pytestmark = pytest.mark.slow
+
+OUTPUT_SHAPES = {"detection_boxes": (100, 4), "detection_classes": (100,), "detection_scores": (100,),
+                 "num_detections": ()}
+
+
+def tutorial_request(image: bytes) -> str:
+    """Built exactly as the tutorial builds it."""
+    encoded_input_string = base64.b64encode(image).decode("utf-8")
+    return json.dumps({"signature_name": "serving_default", "instances": [{"inputs": {"b64": encoded_input_string}}]})
+
+
+def post(url: str, data, **kwargs) -> requests.Response:
+    return requests.post(url, data=data, headers={"content-type": "application/json"}, timeout=60, **kwargs)
+
+
+def iou(a, b) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def check_prediction(prediction: dict) -> None:
+    assert {k: np.shape(v) for k, v in prediction.items()} == OUTPUT_SHAPES
+    scores = prediction["detection_scores"]
+    assert scores == sorted(scores, reverse=True)
+    boxes = np.array(prediction["detection_boxes"])
+    assert boxes.min() >= 0.0 and boxes.max() <= 1.0
+    n = int(prediction["num_detections"])
+    assert all(1 <= c <= 37 for c in prediction["detection_classes"][:n])
+
+
+def recode(encoded: bytes, fmt: str, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(encoded)).convert("RGB").resize(size).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("route", ["predict", "invocations"])
+def test_tutorial_request_finds_the_pet(served, val_examples, route):
+    url = f"{served.tfs_url}:predict" if route == "predict" else served.invocations_url
+    example = val_examples[0]
+    response = post(url, tutorial_request(example["encoded"]))
+    assert response.status_code == 200, response.text
+    prediction = response.json()["predictions"][0]
+    check_prediction(prediction)
+    top_box, top_class = prediction["detection_boxes"][0], int(prediction["detection_classes"][0])
+    assert iou(top_box, example["boxes"][0]) > 0.5, (example["filename"], top_box, example["boxes"][0])
+    assert top_class == example["labels"][0], example["filename"]
+
+
+def test_batch_of_three_sizes_and_formats(served, val_examples):
+    images = [val_examples[0]["encoded"], recode(val_examples[1]["encoded"], "PNG", (321, 207)),
+              recode(val_examples[2]["encoded"], "GIF", (150, 390))]
+    response = post(served.invocations_url, request_body(images))
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 3
+    for prediction in predictions:
+        check_prediction(prediction)
+    # Each image is answered for itself: the JPEG alone gives the same detections.
+    alone = post(served.invocations_url, request_body(images[:1])).json()["predictions"][0]
+    np.testing.assert_allclose(alone["detection_boxes"], predictions[0]["detection_boxes"], atol=1e-5)
+
+
+def test_columnar_request_answers_outputs(served, val_examples):
+    body = json.dumps({"inputs": {"inputs": [{"b64": base64.b64encode(val_examples[0]["encoded"]).decode()}]}})
+    response = post(f"{served.tfs_url}:predict", body)
+    assert response.status_code == 200, response.text
+    outputs = response.json()["outputs"]
+    assert {k: np.shape(v) for k, v in outputs.items()} == {k: (1, *s) for k, s in OUTPUT_SHAPES.items()}
+    rows = post(f"{served.tfs_url}:predict", tutorial_request(val_examples[0]["encoded"])).json()["predictions"]
+    assert outputs["detection_classes"][0] == rows[0]["detection_classes"]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+BAD_REQUESTS = {
+    "invalid JSON": ("POST", "invocations", b'{"instances": [', 400, "JSON Parse error"),
+    "missing instances": ("POST", "invocations", json.dumps({"signature_name": "serving_default"}), 400,
+                          "Missing 'inputs' or 'instances'"),
+    "non-image b64": ("POST", "invocations", json.dumps({"instances": [{"inputs": {"b64": b64(b"not an image")}}]}),
+                      400, "Unknown image file format"),
+    "invalid base64": ("POST", "invocations", json.dumps({"instances": [{"inputs": {"b64": "@@not base64@@"}}]}),
+                       400, "not valid base64"),
+    "empty body": ("POST", "invocations", b"", 400, "JSON Parse error"),
+    "empty instances": ("POST", "invocations", json.dumps({"instances": []}), 400, "non-empty list"),
+    "7 MB body": ("POST", "invocations", b"x" * (7 << 20), 413, "6 MB"),
+    "unknown model": ("POST", "/v1/models/no_such_model:predict", "{}", 404, "no_such_model"),
+    "unknown version": ("POST", "/v1/models/{name}/versions/99:predict", "{}", 404, "Specific("),
+    "unknown signature": ("POST", "invocations", json.dumps({"signature_name": "classify", "instances": [{"b64": ""}]}),
+                          400, 'Serving signature name: "classify" not found'),
+    "GET on /invocations": ("GET", "invocations", None, 405, "use POST"),
+    "unknown path": ("GET", "/nothing/here", None, 404, "/ping and POST /invocations"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_requests_get_a_json_4xx_and_serving_goes_on(served, val_examples, case):
+    method, where, body, status, message = BAD_REQUESTS[case]
+    if where == "invocations":
+        url = served.invocations_url
+    elif where.startswith("/v1/"):
+        url = f"http://127.0.0.1:{served.tfs_port}{where.format(name=served.model_name)}"
+    else:
+        url = f"{served.base}{where}"
+    response = requests.request(method, url, data=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+    good = post(served.invocations_url, tutorial_request(val_examples[0]["encoded"]))
+    assert good.status_code == 200
+
+
+def test_status_and_metadata_as_tf_serving(served):
+    status = requests.get(served.tfs_url, timeout=10).json()
+    assert status["model_version_status"] == [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]
+    metadata = requests.get(f"{served.tfs_url}/metadata", timeout=10).json()
+    assert metadata["model_spec"] == {"name": served.model_name, "signature_name": "", "version": "1"}
+    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["inputs"]["inputs"]["dtype"] == "DT_STRING"
+    assert sorted(signature["outputs"]) == sorted(OUTPUT_SHAPES)
+    assert signature["methodName"] == "tensorflow/serving/predict"
+
+
+def test_ping_fails_until_the_model_is_loaded(served):
+    # While starting, /ping answered 502 (model server not up) then 404 (version LOADING):
+    # never 200 before the model was AVAILABLE.
+    assert served.pings[-1] == 200
+    assert 200 not in served.pings[:-1]
+    assert 404 in served.pings, served.pings
+    assert requests.get(served.ping_url, timeout=10).status_code == 200
+
+
+def test_eight_clients_for_thirty_seconds_see_no_error(served, val_examples):
+    body = tutorial_request(val_examples[0]["encoded"])
+    failures, counts = [], [0] * 8
+    deadline = time.monotonic() + 30
+
+    def client(i: int) -> None:
+        with requests.Session() as session:
+            while time.monotonic() < deadline:
+                try:
+                    response = session.post(served.invocations_url, data=body,
+                                            headers={"content-type": "application/json"}, timeout=60)
+                    if response.status_code != 200 or "predictions" not in response.json():
+                        failures.append((response.status_code, response.text[:200]))
+                except requests.RequestException as exc:
+                    failures.append(repr(exc))
+                counts[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"load: {sum(counts)} requests from 8 clients in 30 s, {len(failures)} failed")
+    assert not failures, failures[:5]
+    assert min(counts) > 0
