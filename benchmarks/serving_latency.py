@@ -1,0 +1,171 @@
+"""Serving latency and throughput: the exported model over HTTP (nginx /invocations in front
+of the TF Serving stand-in, as `make serve` runs them) against the same SavedModel called
+in-process, at 1 and 8 concurrent clients, in the same run; then the exported
+retinanet_resnet50 graph's CPU latency on one 640x640 image (random weights).
+
+Goals (issue 4): HTTP overhead over in-process under 10 ms at p50 for one client; 8 clients
+give at least 1.5x the throughput of one; retinanet_resnet50 under 3 s per image.
+
+    python -m benchmarks.serving_latency [--export models/export/pet_object_detection] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from detkit.config import load_config
+from detkit.predict import request_body
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+OVERHEAD_GOAL_MS = 10.0
+SCALING_GOAL = 1.5
+RESNET_GOAL_S = 3.0
+
+
+def jpeg(size: tuple[int, int], seed: int = 0) -> bytes:
+    """A photo-like JPEG: smooth colour fields plus noise (pure noise would make a huge file)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (size[1] // 32 + 1, size[0] // 32 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    pixels = np.clip(np.asarray(image, np.int16) + rng.integers(-10, 11, (size[1], size[0], 3)), 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def load(call: Callable[[], None], clients: int, seconds: float) -> dict[str, float]:
+    """``clients`` threads calling ``call`` for ``seconds``: latency percentiles and throughput."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client() -> None:
+        mine = []
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            call()
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+    ms = np.array(latencies) * 1000
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "rps": len(ms) / elapsed,
+            "n": len(ms)}
+
+
+def newest_version(export: Path) -> Path:
+    versions = sorted((int(p.name) for p in export.glob("*") if p.name.isdigit()), reverse=True)
+    if not versions:
+        raise SystemExit(f"{export}: no exported version; run `make demo` (or the export stage) first")
+    return export / str(versions[0])
+
+
+def serving_comparison(export: Path, image: bytes, seconds: float) -> None:
+    import requests
+    import tensorflow as tf
+
+    from tests.serving import ServingStack
+
+    version = newest_version(export)
+    print(f"model: {version} (the export that `make serve` serves); request: one {len(image) // 1024} KB JPEG, "
+          f"the tutorial's JSON body")
+    serve = tf.saved_model.load(str(version)).signatures["serving_default"]
+    batch = tf.constant([image])
+
+    def in_process() -> None:
+        serve(inputs=batch)["num_detections"].numpy()
+
+    body = request_body([image])
+    sessions = threading.local()
+
+    with ServingStack(export.parent, model_name=export.name) as stack:
+        def over_http() -> None:
+            if not hasattr(sessions, "s"):
+                sessions.s = requests.Session()
+            response = sessions.s.post(stack.invocations_url, data=body,
+                                       headers={"content-type": "application/json"}, timeout=60)
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+
+        for warm in (in_process, over_http):
+            for _ in range(5):
+                warm()
+        results = {}
+        for name, call in (("in-process", in_process), ("HTTP /invocations", over_http)):
+            for clients in (1, 8):
+                results[name, clients] = load(call, clients, seconds)
+                r = results[name, clients]
+                print(f"  {name:<18} {clients} client{'s' if clients > 1 else ' '}: p50 {r['p50']:7.1f} ms  "
+                      f"p99 {r['p99']:7.1f} ms  {r['rps']:7.1f} requests/s  ({r['n']} requests)")
+    overhead = results["HTTP /invocations", 1]["p50"] - results["in-process", 1]["p50"]
+    scaling = results["HTTP /invocations", 8]["rps"] / results["HTTP /invocations", 1]["rps"]
+    in_scaling = results["in-process", 8]["rps"] / results["in-process", 1]["rps"]
+    print(f"HTTP overhead at p50, one client: {overhead:.1f} ms (goal < {OVERHEAD_GOAL_MS:g} ms: "
+          f"{'met' if overhead < OVERHEAD_GOAL_MS else 'NOT met'})")
+    print(f"8 clients vs 1 over HTTP: {scaling:.2f}x throughput (goal >= {SCALING_GOAL}x: "
+          f"{'met' if scaling >= SCALING_GOAL else 'NOT met'}); in-process: {in_scaling:.2f}x")
+
+
+def resnet50_latency(runs: int) -> None:
+    """Export a random-weight retinanet_resnet50 (640 px) and time its serving signature."""
+    import tensorflow as tf
+
+    from detkit import model
+    from stages.export import write_savedmodel
+
+    cfg = load_config(overrides=["model=retinanet_resnet50", "model.builder=retinanet", "model.pretrained=none",
+                                 "model.image_size=640"])
+    detector = model.build_detector(cfg.model, 37)
+    image = tf.constant([jpeg((640, 640), seed=1)])
+    # Random weights score every anchor near the prior (0.01), below the 0.05 threshold: NMS
+    # would see nothing. A prior of 0.5 puts all anchors above it: NMS's worst case.
+    for label, prior in (("trained-like prior 0.01", 0.01), ("every anchor above threshold", 0.5)):
+        model.set_prior_bias(detector, prior)
+        decoder = model.make_decoder(detector, cfg.model.detection)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_savedmodel(detector, decoder, Path(tmp) / "1", [])
+            serve = tf.saved_model.load(str(Path(tmp) / "1")).signatures["serving_default"]
+            serve(inputs=image)  # first call traces and allocates
+            times = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                count = int(serve(inputs=image)["num_detections"].numpy()[0])
+                times.append(time.perf_counter() - started)
+        median = statistics.median(times)
+        print(f"retinanet_resnet50 export, 640x640, CPU, {label}: median {median:.2f} s over {runs} runs "
+              f"({count} detections; goal < {RESNET_GOAL_S:g} s: {'met' if median < RESNET_GOAL_S else 'NOT met'})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cfg = load_config()
+    parser.add_argument("--export", type=Path, default=Path("models/export") / cfg.export.model_name,
+                        help="export folder <base>/<model_name> (default: the demo's)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per load level")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of the ResNet-50 graph")
+    args = parser.parse_args()
+    serving_comparison(args.export, jpeg((500, 375)), args.seconds)
+    resnet50_latency(args.runs)
+
+
+if __name__ == "__main__":
+    main()
