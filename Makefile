@@ -11,6 +11,13 @@ MODEL_NAME ?= $(shell $(PYTHON) -m detkit.config export.model_name)
 SERVE_PORT ?= 8080
 URL ?= http://127.0.0.1:$(SERVE_PORT)/invocations
 IMAGE ?=
+# Deploy (AWS): empty means the deploy config group's value (conf/deploy/sagemaker.yaml).
+AWS_REGION ?=
+IMAGE_TAG ?=
+INSTANCE_TYPE ?=
+DEPLOY_SET = $(if $(AWS_REGION),--set deploy.region=$(AWS_REGION)) $(if $(IMAGE_TAG),--set deploy.image_tag=$(IMAGE_TAG)) \
+	$(if $(INSTANCE_TYPE),--set deploy.instance_type=$(INSTANCE_TYPE))
+DEPLOY := $(PYTHON) -m detkit.deploy $(DEPLOY_SET)
 # The demo's params: the embedded sample, the tiny model and a training budget that CPUs finish
 # in about 3 minutes (README: make demo).
 DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learning_rate=0.002 \
@@ -21,7 +28,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo repro bench clean serve predict
+.PHONY: help setup test lint demo repro bench clean serve predict docker-test deploy invoke status undeploy
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^## / {printf "\n%s\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,9 +48,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 test: lint ## lint, then run the whole test suite (offline)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-lint: ## ruff on the code, shellcheck on the scripts
+lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck serving/*.sh
+	$(VENV)/bin/hadolint serving/Dockerfile
 
 ## Pipeline
 demo: ## the whole pipeline on the embedded sample with the tiny model, as a DVC experiment (CPU, minutes)
@@ -66,6 +74,25 @@ serve: ## serve the newest export on 127.0.0.1:8080 (SERVE_PORT=...): the contai
 predict: ## IMAGE=<file> [URL=...]: send an image the tutorial's way, print and draw the detections
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/image.jpg [URL=$(URL)]"; exit 2; }
 	$(PYTHON) -m detkit.predict "$(IMAGE)" --url "$(URL)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
+
+## Deploy (AWS SageMaker; credentials from the usual AWS chain)
+docker-test: ## build the serving image from build/serving and send it the tutorial's request (needs Docker)
+	@if ! docker info >/dev/null 2>&1; then \
+	  echo "docker-test: SKIPPED: no Docker engine here ('docker info' failed); the image was not built"; \
+	else serving/docker-test.sh build/serving "$(MODEL_NAME)" "$(PYTHON)"; fi
+
+deploy: ## quality gate, build + push to ECR, create or update the endpoint, wait until InService
+	$(DEPLOY) deploy --context build/serving --metrics metrics/eval.json
+
+invoke: ## IMAGE=<file>: send an image to the endpoint with boto3 invoke_endpoint, print and draw
+	@test -n "$(IMAGE)" || { echo "usage: make invoke IMAGE=path/to/image.jpg"; exit 2; }
+	$(DEPLOY) invoke "$(IMAGE)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
+
+status: ## the endpoint's state and this project's models and endpoint configs
+	$(DEPLOY) status
+
+undeploy: ## delete the endpoint, endpoint configs and models this project created (stops billing)
+	$(DEPLOY) undeploy
 
 ## Housekeeping
 clean: ## remove generated artefacts (not the download cache)

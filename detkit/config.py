@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-GROUPS = ("dataset", "model")
+GROUPS = ("dataset", "model", "deploy")
 
 
 class ConfigError(ValueError):
@@ -174,6 +174,22 @@ class Export:
 
 
 @dataclass
+class Deploy:
+    name: str = MISSING
+    region: str = "us-east-1"
+    role_arn: str | None = None
+    ecr_repository: str = "pet-object-detection"
+    image_tag: str | None = None
+    endpoint_name: str = "pet-object-detection"
+    instance_type: str = "ml.m5.large"
+    instance_count: int = 1
+    min_ap50: float = 0.5
+    wait_minutes: int = 30
+    project_tag: str = "pet-object-detection"
+    hourly_usd: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     dataset: Dataset = field(default_factory=Dataset)
     split: Split = field(default_factory=Split)
@@ -182,6 +198,7 @@ class Config:
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)
     export: Export = field(default_factory=Export)
+    deploy: Deploy = field(default_factory=Deploy)
 
 
 LAYOUTS = ("pets", "voc")
@@ -206,6 +223,8 @@ def closest(word: str, choices: list[str]) -> str:
 def _check_keys(node: Any, schema: Any, where: str, prefix: str) -> None:
     """Refuse keys the schema does not know, naming the closest one that it does."""
     if isinstance(node, DictConfig) and isinstance(schema, DictConfig):
+        if OmegaConf.get_type(schema) is dict:  # a free mapping (e.g. deploy.hourly_usd): any keys
+            return
         known = [str(k) for k in schema.keys()]
         for key in node.keys():
             full = f"{prefix}{key}"
@@ -307,6 +326,8 @@ def _validate_values(cfg: DictConfig) -> None:
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {cfg.eval.batch_size} must be at least 1")
     _validate_export(cfg.export)
+    if cfg.deploy.instance_count < 1 or not 0.0 <= cfg.deploy.min_ap50 <= 1.0:
+        raise ConfigError(f"conf/deploy/{cfg.deploy.name}.yaml: instance_count must be >= 1, min_ap50 in [0, 1]")
 
 
 def _validate_export(e: DictConfig) -> None:

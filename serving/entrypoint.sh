@@ -6,7 +6,8 @@ set -euo pipefail
 
 MODEL_NAME="${MODEL_NAME:-pet_object_detection}"
 MODEL_BASE_PATH="${MODEL_BASE_PATH:-/models}"  # holds ${MODEL_NAME}/<version>/saved_model.pb
-NGINX_LISTEN="${NGINX_LISTEN:-8080}"  # SageMaker sends /ping and /invocations here
+# SageMaker sends /ping and /invocations to 8080, or to the port it names (accept-bind-to-port).
+NGINX_LISTEN="${NGINX_LISTEN:-${SAGEMAKER_BIND_TO_PORT:-8080}}"
 TFS_REST_PORT="${TFS_REST_PORT:-8501}"
 TFS_GRPC_PORT="${TFS_GRPC_PORT:-8500}"
 TFS_BIN="${TFS_BIN:-tensorflow_model_server}"  # a command line: the stand-in is `python -m detkit.tfserving`

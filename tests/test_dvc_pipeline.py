@@ -63,15 +63,26 @@ def test_data_stages_run_once_and_rerun_only_on_their_params(repo):
     set_params(repo, **{"split.seed": 42})
 
 
-def test_whole_pipeline_then_a_train_param_reruns_train_and_eval_only(repo):
+def test_whole_pipeline_then_a_param_reruns_only_what_depends_on_it(repo):
     first = run(["dvc", "repro"], repo)
-    assert {"pretrained", "train", "eval"} <= set(ran(first.stdout)), first.stdout
+    assert {"pretrained", "train", "eval", "export"} <= set(ran(first.stdout)), first.stdout
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["step"] == 6 and 0.0 <= metrics["AP50"] <= 1.0
+    exports = repo / "models" / "export" / "pet_object_detection"
+    assert sorted(p.name for p in exports.iterdir()) == ["1"]
 
     set_params(repo, **{"train.learning_rate": "0.002"})
     again = run(["dvc", "repro"], repo)
-    assert ran(again.stdout) == ["train", "eval"], again.stdout
+    assert sorted(ran(again.stdout)) == ["eval", "export", "train"], again.stdout
+    # The new model is a new version; the old one stays (TF Serving serves the newest).
+    assert sorted(p.name for p in exports.iterdir()) == ["1", "2"]
+
+    set_params(repo, **{"export.max_detections": 50})
+    third = run(["dvc", "repro"], repo)
+    assert ran(third.stdout) == ["export"], third.stdout
+    assert sorted(p.name for p in exports.iterdir()) == ["1", "2", "3"]
+    set_params(repo, **{"export.max_detections": 100})
+    assert ran(run(["dvc", "repro"], repo).stdout) == ["export"]
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)
 

@@ -59,3 +59,12 @@ def test_a_dying_model_server_takes_nginx_and_the_container_down(demo_repo):
     finally:
         if stack.process.poll() is None:
             stack.stop()
+
+
+def test_dockerfile_passes_hadolint():
+    import sys
+    from pathlib import Path
+
+    hadolint = Path(sys.executable).with_name("hadolint")
+    result = subprocess.run([str(hadolint), str(REPO_ROOT / "serving" / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
