@@ -55,7 +55,8 @@ class ServingStack:
         self.env = dict(os.environ, MODEL_NAME=model_name, MODEL_BASE_PATH=str(export_base),
                         NGINX_LISTEN=f"127.0.0.1:{self.nginx_port}", TFS_REST_PORT=str(self.tfs_port),
                         TFS_GRPC_PORT=str(free_port()), TFS_BIN=f"{sys.executable} -m detkit.tfserving",
-                        PYTHONPATH=str(REPO_ROOT), **(env or {}))
+                        PYTHONPATH=str(REPO_ROOT))
+        self.env.update(env or {})
         self.process: subprocess.Popen | None = None
         self.pings: list[int] = []  # /ping status codes seen while starting (0: no answer yet)
 

@@ -73,16 +73,16 @@ def test_whole_pipeline_then_a_param_reruns_only_what_depends_on_it(repo):
 
     set_params(repo, **{"train.learning_rate": "0.002"})
     again = run(["dvc", "repro"], repo)
-    assert sorted(ran(again.stdout)) == ["eval", "export", "train"], again.stdout
+    assert sorted(ran(again.stdout)) == ["eval", "export", "package", "train"], again.stdout
     # The new model is a new version; the old one stays (TF Serving serves the newest).
     assert sorted(p.name for p in exports.iterdir()) == ["1", "2"]
 
     set_params(repo, **{"export.max_detections": 50})
     third = run(["dvc", "repro"], repo)
-    assert ran(third.stdout) == ["export"], third.stdout
+    assert ran(third.stdout) == ["export", "package"], third.stdout
     assert sorted(p.name for p in exports.iterdir()) == ["1", "2", "3"]
     set_params(repo, **{"export.max_detections": 100})
-    assert ran(run(["dvc", "repro"], repo).stdout) == ["export"]
+    assert ran(run(["dvc", "repro"], repo).stdout) == ["export", "package"]
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "baseline"], repo)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -62,9 +64,25 @@ def test_a_dying_model_server_takes_nginx_and_the_container_down(demo_repo):
 
 
 def test_dockerfile_passes_hadolint():
-    import sys
-    from pathlib import Path
-
     hadolint = Path(sys.executable).with_name("hadolint")
     result = subprocess.run([str(hadolint), str(REPO_ROOT / "serving" / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_batching_settings_reach_the_model_server(demo_repo, tmp_path):
+    # The real stand-in behind a wrapper that keeps the command line it was started with.
+    wrapper = tmp_path / "model_server"
+    wrapper.write_text('#!/usr/bin/env bash\nset -euo pipefail\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n'
+                       'for a in "$@"; do case "$a" in\n'
+                       '  --batching_parameters_file=*) cp "${a#*=}" "$ARGS_FILE.batching";;\n'
+                       'esac; done\nexec "$PYTHON" -m detkit.tfserving "$@"\n')
+    wrapper.chmod(0o755)
+    args_file = tmp_path / "args"
+    env = {"TFS_BIN": str(wrapper), "ARGS_FILE": str(args_file), "PYTHON": sys.executable,
+           "TFS_ENABLE_BATCHING": "true", "TFS_MAX_BATCH_SIZE": "16", "TFS_BATCH_TIMEOUT_MICROS": "5000"}
+    with ServingStack(demo_repo / "models" / "export", env=env):
+        args = args_file.read_text().splitlines()
+        batching = (tmp_path / "args.batching").read_text()
+    assert "--enable_batching=true" in args
+    assert f"--model_base_path={demo_repo / 'models' / 'export' / 'pet_object_detection'}" in args
+    assert "max_batch_size { value: 16 }" in batching and "batch_timeout_micros { value: 5000 }" in batching
