@@ -34,10 +34,11 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^## / {printf "\n%s\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 ## Set-up
-setup: $(VENV)/.installed ## create .venv with the pinned stack, install nginx if missing
-	@command -v nginx >/dev/null || { echo "installing nginx (apt)"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx; }
-	@echo "setup done: $(VENV) ready, nginx $$(nginx -v 2>&1 | cut -d/ -f2)"
+setup: $(VENV)/.installed ## create .venv with the pinned stack, install nginx and envsubst if missing
+	@missing="$$(command -v nginx >/dev/null || echo nginx) $$(command -v envsubst >/dev/null || echo gettext-base)"; \
+	if [ -n "$$(echo $$missing)" ]; then echo "installing$$missing (apt)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
+	@echo "setup done: $(VENV) ready, nginx $$(nginx -v 2>&1 | cut -d/ -f2), $$(command -v envsubst)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON_SYSTEM) -m venv $(VENV)

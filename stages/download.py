@@ -10,7 +10,6 @@ running it and an interrupted 800 MB download should resume, not start over.
 
 from __future__ import annotations
 
-import argparse
 import re
 import shutil
 import sys
@@ -19,7 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from detkit.archive import ArchiveError, archive_suffix, fetch, safe_extract
-from detkit.config import ConfigError, load_config, repo_root
+from detkit.cli import run_stage, stage_parser
+from detkit.config import ConfigError, repo_root
 from detkit.fsio import atomic_dir
 
 
@@ -107,24 +107,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m stages.download",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--params", default="params.yaml", help="experiment params file")
+    parser = stage_parser("stages.download", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")
-    args = parser.parse_args(argv)
     root = repo_root()
-    try:
-        cfg = load_config(args.params)
-        run(cfg, {"cache": root / args.cache}, {"raw": root / args.out})
-    except (ConfigError, ArchiveError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
+    return run_stage(parser, argv, lambda cfg, args: run(cfg, {"cache": root / args.cache}, {"raw": root / args.out}),
+                     errors=(ArchiveError,))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,6 @@ checkpoints folder), so one run holds both.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -30,8 +29,9 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from detkit.cli import run_stage, stage_parser
 from detkit.coco import ImageResult, evaluate
-from detkit.config import ConfigError, load_config
+from detkit.config import ConfigError
 from detkit.draw import PREDICTED, TRUE, detection_labels, draw_boxes
 from detkit.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
 from detkit.labelmap import read_label_map
@@ -131,23 +131,17 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser("stages.eval", __doc__)
     parser.add_argument("--records", type=Path, required=True, help="tfrecord stage output")
     parser.add_argument("--checkpoints", type=Path, required=True, help="train stage output")
     parser.add_argument("--metrics", type=Path, required=True, help="folder for eval.json, per_class_ap.json")
     parser.add_argument("--plots", type=Path, required=True, help="folder for pr_curve.json, eval_samples/")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params)
-        run(cfg, {"records": args.records, "checkpoints": args.checkpoints},
-            {"metrics": args.metrics, "plots": args.plots})
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
+    def call(cfg, args):
+        return run(cfg, {"records": args.records, "checkpoints": args.checkpoints},
+                   {"metrics": args.metrics, "plots": args.plots})
+
+    return run_stage(parser, argv, call)
 
 if __name__ == "__main__":
     sys.exit(main())

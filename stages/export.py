@@ -23,7 +23,6 @@ written (for inspection, marked failed: ``make deploy`` refuses it) and fails th
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -34,7 +33,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from detkit.config import ConfigError, load_config
+from detkit.cli import run_stage, stage_parser
+from detkit.config import ConfigError
 from detkit.fsio import atomic_dir
 from detkit.model import ModelError
 from stages.train import FINAL
@@ -215,21 +215,15 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser("stages.export", __doc__)
     parser.add_argument("--checkpoints", type=Path, required=True, help="train stage output (uses its final/)")
     parser.add_argument("--records", type=Path, required=True, help="tfrecord stage output (val images)")
     parser.add_argument("--out", type=Path, required=True, help="export base folder (<out>/<model_name>/<version>)")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params)
-        run(cfg, {"checkpoints": args.checkpoints, "records": args.records}, {"export": args.out})
-    except (ConfigError, ExportError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
+    def call(cfg, args):
+        return run(cfg, {"checkpoints": args.checkpoints, "records": args.records}, {"export": args.out})
+
+    return run_stage(parser, argv, call, errors=(ExportError, ModelError))
 
 if __name__ == "__main__":
     sys.exit(main())

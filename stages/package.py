@@ -18,7 +18,6 @@ Both are reproducible: same export, same bytes (sorted members, fixed times and 
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -31,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from detkit.config import ConfigError, load_config
+from detkit.cli import run_stage, stage_parser
 from detkit.fsio import atomic_dir, atomic_write_bytes
 
 # What the Dockerfile copies from the context besides the model: package fails without them.
@@ -102,22 +101,14 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.package", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = stage_parser("stages.package", __doc__)
     parser.add_argument("--export", type=Path, required=True, help="export stage output (<export>/<model_name>/)")
     parser.add_argument("--serving", type=Path, required=True, help="serving/ (Dockerfile, nginx config, scripts)")
     parser.add_argument("--context", type=Path, required=True, help="docker build context to write")
     parser.add_argument("--archive", type=Path, required=True, help="model.tar.gz to write")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params)
-        run(cfg, {"export": args.export, "serving": args.serving}, {"context": args.context, "archive": args.archive})
-    except (ConfigError, PackageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_stage(parser, argv, lambda cfg, args: run(cfg, {"export": args.export, "serving": args.serving},
+                                                         {"context": args.context, "archive": args.archive}),
+                     errors=(PackageError,))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,6 @@ an hour into training.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from detkit.archive import ArchiveError, archive_suffix, fetch, safe_extract
-from detkit.config import ConfigError, load_config, repo_root
+from detkit.cli import run_stage, stage_parser
+from detkit.config import ConfigError, repo_root
 from detkit.fsio import atomic_dir, atomic_write_json
 
 HUB_SCHEMES = ("kaggle://", "hf://", "modelscope://")
@@ -103,21 +103,13 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.pretrained", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("stages.pretrained", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="preset folder to write")
     parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")
-    args = parser.parse_args(argv)
     root = repo_root()
-    try:
-        cfg = load_config(args.params)
-        run(cfg, {"cache": root / args.cache}, {"pretrained": root / args.out})
-    except (ConfigError, ArchiveError, PretrainedError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
+    return run_stage(parser, argv, lambda cfg, args: run(cfg, {"cache": root / args.cache},
+                                                         {"pretrained": root / args.out}),
+                     errors=(ArchiveError, PretrainedError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,6 @@ input order, so the shards are byte-identical for the same inputs and params.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -31,7 +30,7 @@ from lxml import etree
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from detkit.config import ConfigError, load_config
+from detkit.cli import run_stage, stage_parser
 from detkit.fsio import atomic_dir, atomic_write_json
 from detkit.labelmap import LabelMapError, pets_class_name, pets_label_map, read_label_map, write_label_map
 from detkit.records import BOX_KEYS, encode_example
@@ -427,20 +426,13 @@ def _print_summary(stats: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser("stages.tfrecord", __doc__)
     parser.add_argument("--raw", type=Path, required=True, help="extracted dataset (download stage output)")
     parser.add_argument("--out", type=Path, required=True, help="records folder to write")
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    try:
-        cfg = load_config(args.params)
-        run(cfg, {"raw": args.raw}, {"records": args.out}, workers=args.workers)
-    except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_stage(parser, argv, lambda cfg, args: run(cfg, {"raw": args.raw}, {"records": args.out},
+                                                         workers=args.workers),
+                     errors=(DatasetError,))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,7 +40,6 @@ MLflow run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -56,7 +55,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from detkit.config import ConfigError, load_config, repo_root
+from detkit.cli import run_stage, stage_parser
+from detkit.config import repo_root
 from detkit.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
 
 LOG_FIELDS = ("step", "loss", "box_loss", "class_loss", "learning_rate")
@@ -446,25 +446,17 @@ def _make_step_logger():
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser("stages.train", __doc__)
     parser.add_argument("--records", type=Path, required=True, help="tfrecord stage output")
     parser.add_argument("--pretrained", type=Path, default=None, help="pretrained stage output (builder 'preset')")
     parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoints folder (persist: true)")
     parser.add_argument("--log", type=Path, required=True, help="per-step CSV for dvc plots")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(list(argv) if argv is not None else None)
     from detkit.data import DataError
     from detkit.model import ModelError
 
-    try:
-        cfg = load_config(args.params)
-        run(cfg, {"records": args.records, "pretrained": args.pretrained},
-            {"checkpoints": args.checkpoints, "log": args.log})
-    except (ConfigError, ModelError, DataError, TrainError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_stage(parser, argv, lambda cfg, args: run(cfg, {"records": args.records, "pretrained": args.pretrained},
+                                                         {"checkpoints": args.checkpoints, "log": args.log}),
+                     errors=(ModelError, DataError, TrainError))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from detkit import cli
 from detkit.archive import DownloadError, UnsafeArchiveError, fetch
 from detkit.config import ConfigError
 from stages import download
@@ -304,15 +305,15 @@ def test_main_reports_errors_on_stderr(cfg, tmp_path, monkeypatch, capsys):
     archive = make_tar(tmp_path / "srv" / "images.tar.gz", FILES)
     inputs, outputs = dirs(tmp_path)
     args = ["--out", str(outputs["raw"]), "--cache", str(inputs["cache"])]
-    assert download.main(["--params", "no-such-params.yaml", *args]) == 1
+    assert download.main(["--params", "no-such-params.yaml", *args]) == 2
     assert "no-such-params.yaml: params file not found" in capsys.readouterr().err
 
     down = with_archives(cfg, entry("images", [dead_url()], archive))
-    monkeypatch.setattr(download, "load_config", lambda params: down)
-    assert download.main(args) == 1
+    monkeypatch.setattr(cli, "load_config", lambda params: down)
+    assert download.main(args) == 2
     assert capsys.readouterr().err.startswith("error: images: could not fetch")
 
     up = with_archives(cfg, entry("images", [archive.as_uri()], archive))
-    monkeypatch.setattr(download, "load_config", lambda params: up)
+    monkeypatch.setattr(cli, "load_config", lambda params: up)
     assert download.main(args) == 0
     assert tree(outputs["raw"]) == FILES
