@@ -426,14 +426,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     try:
-        value = OmegaConf.select(load_config(args.params), args.key, throw_on_missing=True)
+        cfg = load_config(args.params)
+        absent = object()
+        value = OmegaConf.select(cfg, args.key, default=absent, throw_on_missing=True)
     except (ConfigError, OmegaConfBaseException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if value is None:
-        print(f"error: no config key '{args.key}'", file=sys.stderr)
+    if value is absent:
+        parent, _, leaf = args.key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        hint = closest(leaf, [str(k) for k in node.keys()]) if isinstance(node, DictConfig) else ""
+        print(f"error: no config key '{args.key}'{hint}", file=sys.stderr)
         return 2
-    print(OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig)) else value)
+    print(OmegaConf.to_yaml(value).strip() if isinstance(value, (DictConfig, ListConfig))
+          else "null" if value is None else value)
     return 0
 
 

@@ -61,7 +61,7 @@ class ServedModel:
         self.error = ""
         self.signatures: dict[str, Any] = {}
         self.signature_defs: dict[str, Any] = {}
-        self.loaded = threading.Event()
+        self.saved_model: Any = None  # holds the variables that the signatures use
 
     def load_in_background(self) -> threading.Thread:
         thread = threading.Thread(target=self._load, name=f"load-{self.name}", daemon=True)
@@ -87,11 +87,10 @@ class ServedModel:
             self.state, self.error = "END", f"{path}: {exc}"
             log.exception("model %s version %s failed to load", self.name, self.version)
             return
+        self.saved_model = loaded
         self.signatures = dict(loaded.signatures)
-        self._keep_alive = loaded  # the signatures' variables live as long as this object
         self.signature_defs = {k: json_format.MessageToDict(v) for k, v in proto.meta_graphs[0].signature_def.items()}
         self.state = "AVAILABLE"
-        self.loaded.set()
         log.info("model %s version %s AVAILABLE (signatures: %s)", self.name, self.version, ", ".join(self.signatures))
 
     # ------------------------------------------------------------------ requests

@@ -83,3 +83,12 @@ def test_wrong_type_is_refused_with_key():
 def test_out_of_range_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=["dataset=sample", override])
+
+
+def test_command_line_prints_one_value_or_names_the_closest_key(capsys):
+    from detkit.config import main
+
+    assert main(["export.model_name"]) == 0
+    assert capsys.readouterr().out.strip() == "pet_object_detection"
+    assert main(["export.modl_name"]) == 2
+    assert "no config key 'export.modl_name' (did you mean 'model_name'?)" in capsys.readouterr().err
