@@ -86,3 +86,14 @@ def test_batching_settings_reach_the_model_server(demo_repo, tmp_path):
     assert "--enable_batching=true" in args
     assert f"--model_base_path={demo_repo / 'models' / 'export' / 'pet_object_detection'}" in args
     assert "max_batch_size { value: 16 }" in batching and "batch_timeout_micros { value: 5000 }" in batching
+
+
+def test_make_docker_test_says_it_skipped_without_an_engine():
+    from detkit.deploy import DockerEngine
+
+    if DockerEngine.available():
+        pytest.skip("a Docker engine exists here: make docker-test really builds the image")
+    result = subprocess.run(["make", "-s", "docker-test", f"VENV={sys.prefix}"], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "docker-test: SKIPPED: no Docker engine here" in result.stdout
