@@ -37,6 +37,7 @@ def time_demo(root: Path) -> float:
 
 
 def input_vs_step(root: Path, batches: int = 30) -> tuple[float, float]:
+    # The copy's params: DVC_ROOT is how stages find the repo (restored by main afterwards).
     os.environ["DVC_ROOT"] = str(root)
     from detkit import data, model
     from detkit.config import load_config
@@ -74,7 +75,13 @@ def main() -> None:
         verdict = "met" if seconds < GOAL_DEMO_S else "NOT met"
         print(f"make demo: {seconds:.0f} s wall (goal < {GOAL_DEMO_S} s: {verdict}); "
               f"val AP50 {metrics['AP50']:.3f}, AP {metrics['AP']:.3f} after {metrics['step']} steps")
-        input_rate, step_rate = input_vs_step(root)
+        saved_root = os.environ.get("DVC_ROOT")
+        try:
+            input_rate, step_rate = input_vs_step(root)
+        finally:
+            os.environ.pop("DVC_ROOT", None)
+            if saved_root is not None:
+                os.environ["DVC_ROOT"] = saved_root
         ratio = input_rate / step_rate
         print(f"train input pipeline: {input_rate:8.1f} images/s")
         print(f"train step (from memory): {step_rate:8.1f} images/s")

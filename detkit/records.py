@@ -1,17 +1,21 @@
 """The TF Object Detection API's tf.train.Example keys (DESIGN 4.2), written and parsed here
 only, so records made by this project feed TF OD API tooling and vice versa.
 
-Examples are serialised without TensorFlow: ``tf.train.Example``'s schema (TF's
+Examples are serialised and framed without TensorFlow: ``tf.train.Example``'s schema (TF's
 ``feature.proto`` / ``example.proto``) is declared below in a private protobuf descriptor
-pool, so the tfrecord stage's worker processes build finished records and the parent only
-writes bytes. Same wire format, so TensorFlow parses them as its own.
+pool, and ``TFRecordFile`` writes TFRecord framing (length, masked CRC-32C of length and
+data) itself. The tfrecord stage never imports TensorFlow; its files are byte-identical to
+``tf.io.TFRecordWriter``'s, so TensorFlow reads them as its own.
 """
 
 from __future__ import annotations
 
 import functools
+import struct
+from pathlib import Path
 from typing import Any
 
+import google_crc32c
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 BOX_KEYS = ("xmin", "xmax", "ymin", "ymax")
@@ -81,6 +85,25 @@ def encode_example(record: dict[str, Any]) -> bytes:
     strings("image/object/view", record["view"])
     # Map fields serialise in arbitrary order unless asked: byte-identical shards need this.
     return example.SerializeToString(deterministic=True)
+
+
+def _masked_crc(data: bytes) -> bytes:
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+class TFRecordFile:
+    """An uncompressed TFRecord file, as ``tf.io.TFRecordWriter`` writes it."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+
+    def write(self, record: bytes) -> None:
+        length = struct.pack("<Q", len(record))
+        self._file.write(length + _masked_crc(length) + record + _masked_crc(record))
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def feature_spec() -> dict[str, Any]:

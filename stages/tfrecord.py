@@ -3,8 +3,9 @@
 Splits trainval rows the way the TF OD API pets tool does (seeded shuffle, first
 ``train_fraction`` to train), judges every file by its bytes rather than its name, and
 writes TF OD API examples (``detkit.records``), ``label_map.pbtxt`` and ``stats.json``
-listing every repair and skip. Decoding and serialising run in a process pool; results come back in
-input order, so the shards are byte-identical for the same inputs and params.
+listing every repair and skip. Decoding and serialising run in a process pool; results come
+back in input order, so the shards are byte-identical for the same inputs and params. The
+stage never imports TensorFlow (``detkit.records`` serialises and frames the records).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from tqdm import tqdm
 from detkit.cli import run_stage, stage_parser
 from detkit.fsio import atomic_dir, atomic_write_json
 from detkit.labelmap import LabelMapError, pets_class_name, pets_label_map, read_label_map, write_label_map
-from detkit.records import BOX_KEYS, encode_example
+from detkit.records import BOX_KEYS, TFRecordFile, encode_example
 
+EMPTY_RECORD: dict[str, Any] = {"height": 0, "width": 0, "filename": "", "sha256": "", "encoded": b"",
+                                **{k: [] for k in (*BOX_KEYS, "text", "label", "difficult", "truncated", "view")}}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 REENCODE_QUALITY = 95
 
@@ -297,6 +300,9 @@ def _mapper(workers: int, spill_parent: Path, spill_rotate_bytes: int = SPILL_RO
         yield lambda tasks, class_ids: (load_example(task, class_ids) for task in tasks)
         return
     method = "spawn" if "tensorflow" in sys.modules else "fork"
+    if method == "fork":  # what each worker would set up on its first image, done once for all
+        Image.preinit()
+        encode_example(EMPTY_RECORD)
     # Spill files sit beside the output: /tmp may be RAM, and the records need that disk anyway.
     with (tempfile.TemporaryDirectory(prefix=".tfrecord-spill-", dir=spill_parent) as spill_dir,
           multiprocessing.get_context(method).Pool(workers) as pool):
@@ -322,13 +328,11 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | N
     raw, out = Path(inputs["raw"]), Path(outputs["records"])
     workers = workers or default_workers()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _mapper(workers, out.parent) as load_all:  # before TensorFlow is imported: see _mapper
+    with _mapper(workers, out.parent) as load_all:
         return _write_records(cfg, raw, out, load_all)
 
 
 def _write_records(cfg, raw: Path, out: Path, load_all) -> dict[str, Any]:
-    import tensorflow as tf
-
     started = time.perf_counter()
     if cfg.dataset.layout == "pets":
         rows, listed, label_map = list_pets(raw)
@@ -368,7 +372,7 @@ def _write_records(cfg, raw: Path, out: Path, load_all) -> dict[str, Any]:
             stats["skipped"].extend(unusable[split])
             count = cfg.tfrecord[f"{split}_shards"]
             names = _shard_names(split, count)
-            writers = [tf.io.TFRecordWriter(str(tmp / n)) for n in names]
+            writers = [TFRecordFile(tmp / n) for n in names]
             per_class: Counter[str] = Counter()
             written = boxes = 0
             progress = tqdm(itertools.islice(results, len(tasks[split])), total=len(tasks[split]),

@@ -3,7 +3,7 @@ serialisation of the same features must give the very same bytes."""
 
 import tensorflow as tf
 
-from detkit.records import BOX_KEYS, encode_example, feature_spec
+from detkit.records import BOX_KEYS, TFRecordFile, encode_example, feature_spec
 
 RECORD = {
     "height": 375, "width": 500, "filename": "Abyssinian_1.jpg", "sha256": "ab" * 32,
@@ -48,3 +48,17 @@ def test_parses_with_the_od_api_spec():
         assert tf.sparse.to_dense(parsed[f"image/object/bbox/{k}"]).numpy().tolist() == \
             [float(tf.constant(v, tf.float32)) for v in RECORD[k]]
     assert tf.sparse.to_dense(parsed["image/object/view"]).numpy().tolist() == [b"Frontal", b""]
+
+
+def test_tfrecord_file_is_byte_identical_to_tensorflows_writer(tmp_path):
+    records = [encode_example(RECORD), b"", b"x" * 70_000]
+    ours = TFRecordFile(tmp_path / "ours.tfrecord")
+    for record in records:
+        ours.write(record)
+    ours.close()
+    with tf.io.TFRecordWriter(str(tmp_path / "tf.tfrecord")) as writer:
+        for record in records:
+            writer.write(record)
+    assert (tmp_path / "ours.tfrecord").read_bytes() == (tmp_path / "tf.tfrecord").read_bytes()
+    read_back = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours.tfrecord"))]
+    assert read_back == records
