@@ -26,6 +26,7 @@ from PIL import Image
 
 from detkit.config import load_config
 from detkit.predict import request_body
+from stages.package import newest_version
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -70,13 +71,6 @@ def load(call: Callable[[], None], clients: int, seconds: float) -> dict[str, fl
     ms = np.array(latencies) * 1000
     return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)), "rps": len(ms) / elapsed,
             "n": len(ms)}
-
-
-def newest_version(export: Path) -> Path:
-    versions = sorted((int(p.name) for p in export.glob("*") if p.name.isdigit()), reverse=True)
-    if not versions:
-        raise SystemExit(f"{export}: no exported version; run `make demo` (or the export stage) first")
-    return export / str(versions[0])
 
 
 def serving_comparison(export: Path, image: bytes, seconds: float) -> None:

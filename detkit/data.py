@@ -38,6 +38,7 @@ import tensorflow as tf
 from detkit.records import feature_spec
 
 AUTOTUNE = tf.data.AUTOTUNE
+ENCODED = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}  # the image bytes only, undecoded
 
 
 class DataError(ValueError):
@@ -152,6 +153,12 @@ def _records(records: Path, split: str, shuffle_files: bool, seed: int | None,
                          deterministic=deterministic)
 
 
+def encoded_images(records: Path, split: str, count: int) -> list[bytes]:
+    """The first ``count`` images of ``split`` as stored (encoded bytes), in ``eval_dataset``'s order."""
+    examples = _records(records, split, shuffle_files=False, seed=None).take(count)
+    return [tf.io.parse_single_example(s, ENCODED)["image/encoded"].numpy() for s in examples]
+
+
 def train_dataset(records: Path, size: int, batch_size: int, augment_cfg: Any = None, max_boxes: int = 16,
                   shuffle_buffer: int = 1024, seed: int = 0, repeat: bool = True,
                   split: str = "train", deterministic: bool = True) -> tf.data.Dataset:
@@ -201,8 +208,7 @@ def eval_dataset(records: Path, size: int, batch_size: int, split: str = "val",
 
     def prepare(serialized):
         ex = parse_example(serialized)
-        extra = {"encoded": tf.io.parse_single_example(serialized, {
-            "image/encoded": tf.io.FixedLenFeature([], tf.string)})["image/encoded"]} if with_encoded else {}
+        extra = {"encoded": tf.io.parse_single_example(serialized, ENCODED)["image/encoded"]} if with_encoded else {}
         return {
             **extra,
             "images": resize_image(ex["image"], size),

@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from detkit.draw import PREDICTED, detection_labels, draw_boxes
+from detkit.fsio import atomic_write_bytes, versions
 from detkit.labelmap import LabelMapError, read_label_map
 
 DEFAULT_URL = "http://127.0.0.1:8080/invocations"
@@ -77,10 +78,10 @@ def top_detections(prediction: dict[str, Any], label_map: dict[int, str], top: i
 
 def label_map_of(export: Path) -> dict[int, str]:
     """The label map of the newest version under an export folder (``<base>/<model_name>``)."""
-    versions = sorted((int(p.name) for p in Path(export).glob("*") if p.name.isdigit()), reverse=True)
-    if not versions:
+    found = versions(export)
+    if not found:
         raise PredictError(f"{export}: no exported version (run the export stage, or pass --label-map)")
-    return read_label_map(Path(export) / str(versions[0]) / LABEL_MAP)
+    return read_label_map(Path(export) / str(found[-1]) / LABEL_MAP)
 
 
 def report(image_path: Path, prediction: dict[str, Any], label_map: dict[int, str], out: Path,
@@ -98,8 +99,6 @@ def report(image_path: Path, prediction: dict[str, Any], label_map: dict[int, st
                detection_labels([d["id"] for d in found], [d["score"] for d in found], label_map), PREDICTED)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    from detkit.fsio import atomic_write_bytes
-
     atomic_write_bytes(out, buffer.getvalue())
     print(f"wrote {out}")
     return found

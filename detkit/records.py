@@ -49,7 +49,8 @@ message_type { name: "Example"
 
 
 @functools.cache
-def _example_class():
+def example_class():
+    """``tf.train.Example``'s message class (built once per process)."""
     pool = descriptor_pool.DescriptorPool()  # private: TensorFlow registers the real file in the default one
     pool.Add(text_format.Parse(_EXAMPLE_PROTO, descriptor_pb2.FileDescriptorProto()))
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
@@ -57,7 +58,7 @@ def _example_class():
 
 def encode_example(record: dict[str, Any]) -> bytes:
     """Serialise one image's record (see ``stages.tfrecord.load_example``) deterministically."""
-    example = _example_class()()
+    example = example_class()()
     feature = example.features.feature
 
     def ints(key, values):

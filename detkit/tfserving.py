@@ -35,6 +35,8 @@ from typing import Any
 
 from flask import Flask, Response, request
 
+from detkit.fsio import versions
+
 log = logging.getLogger("tfserving")
 
 URL = re.compile(r"(?P<name>[^/:]+)(?:/versions/(?P<version>\d+))?(?:(?P<metadata>/metadata)|:(?P<verb>\w+))?")
@@ -69,12 +71,12 @@ class ServedModel:
         return thread
 
     def _load(self) -> None:
-        versions = sorted(int(p.name) for p in self.base_path.glob("*") if p.name.isdigit() and p.is_dir())
-        if not versions:
+        found = versions(self.base_path)
+        if not found:
             self.state, self.error = "END", f"no version folders (1, 2, ...) under {self.base_path}"
             log.error("model %s: %s", self.name, self.error)
             return
-        self.version, self.state = versions[-1], "LOADING"
+        self.version, self.state = found[-1], "LOADING"
         path = self.base_path / str(self.version)
         try:
             import tensorflow as tf

@@ -114,5 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"cache": root / args.cache}, {"raw": root / args.out}),
                      errors=(ArchiveError,))
 
+
 if __name__ == "__main__":
     sys.exit(main())

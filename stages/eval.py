@@ -143,5 +143,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return run_stage(parser, argv, call)
 
+
 if __name__ == "__main__":
     sys.exit(main())

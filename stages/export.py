@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 
 from detkit.cli import run_stage, stage_parser
 from detkit.config import ConfigError
-from detkit.fsio import atomic_dir
+from detkit.fsio import atomic_dir, versions
 from detkit.model import ModelError
 from stages.train import FINAL
 
@@ -84,10 +84,10 @@ def saved_model_cli_show(path: Path, signature: str) -> dict[str, Any]:
 
 
 def next_version(model_dir: Path, requested: int | None) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
+    existing = versions(model_dir)
     if requested is None:
-        return max(versions, default=0) + 1
-    if requested in versions:
+        return max(existing, default=0) + 1
+    if requested in existing:
         raise ExportError(f"{model_dir / str(requested)}: version {requested} exists and is never overwritten; "
                           "set export.version to a new number, or null for the next free one")
     return requested
@@ -175,9 +175,7 @@ def check_export(path: Path, detector, decoder, encoded: list[bytes], tolerance:
 def val_images(records: Path, count: int) -> list[bytes]:
     from detkit import data
 
-    images = []
-    for batch in data.eval_dataset(records, size=32, batch_size=count, with_encoded=True).take(1):
-        images = [bytes(e) for e in batch["encoded"].numpy()]
+    images = data.encoded_images(records, "val", count)
     if not images:
         raise ConfigError(f"{records}: no val images for the export check (see split.train_fraction)")
     return images
@@ -224,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, {"checkpoints": args.checkpoints, "records": args.records}, {"export": args.out})
 
     return run_stage(parser, argv, call, errors=(ExportError, ModelError))
+
 
 if __name__ == "__main__":
     sys.exit(main())

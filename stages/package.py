@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from detkit.cli import run_stage, stage_parser
-from detkit.fsio import atomic_dir, atomic_write_bytes
+from detkit.fsio import atomic_dir, atomic_write_bytes, versions
 
 # What the Dockerfile copies from the context besides the model: package fails without them.
 SERVING_FILES = ("Dockerfile", "nginx.conf.template", "render-nginx-conf.sh", "entrypoint.sh")
@@ -44,10 +44,10 @@ class PackageError(ValueError):
 
 
 def newest_version(model_dir: Path) -> Path:
-    versions = sorted((int(p.name) for p in model_dir.glob("*") if p.name.isdigit() and p.is_dir()), reverse=True)
-    if not versions:
+    found = versions(model_dir)
+    if not found:
         raise PackageError(f"{model_dir}: no exported version; run the export stage first")
-    version = model_dir / str(versions[0])
+    version = model_dir / str(found[-1])
     if not (version / "saved_model.pb").is_file():
         raise PackageError(f"{version}: no saved_model.pb: not a complete export")
     return version
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"export": args.export, "serving": args.serving},
                                                          {"context": args.context, "archive": args.archive}),
                      errors=(PackageError,))
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -111,5 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                                                          {"pretrained": root / args.out}),
                      errors=(ArchiveError, PretrainedError))
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,10 +34,8 @@ from tqdm import tqdm
 from detkit.cli import run_stage, stage_parser
 from detkit.fsio import atomic_dir, atomic_write_json
 from detkit.labelmap import LabelMapError, pets_class_name, pets_label_map, read_label_map, write_label_map
-from detkit.records import BOX_KEYS, TFRecordFile, encode_example
+from detkit.records import BOX_KEYS, TFRecordFile, encode_example, example_class
 
-EMPTY_RECORD: dict[str, Any] = {"height": 0, "width": 0, "filename": "", "sha256": "", "encoded": b"",
-                                **{k: [] for k in (*BOX_KEYS, "text", "label", "difficult", "truncated", "view")}}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp")
 REENCODE_QUALITY = 95
 
@@ -302,7 +300,7 @@ def _mapper(workers: int, spill_parent: Path, spill_rotate_bytes: int = SPILL_RO
     method = "spawn" if "tensorflow" in sys.modules else "fork"
     if method == "fork":  # what each worker would set up on its first image, done once for all
         Image.preinit()
-        encode_example(EMPTY_RECORD)
+        example_class()
     # Spill files sit beside the output: /tmp may be RAM, and the records need that disk anyway.
     with (tempfile.TemporaryDirectory(prefix=".tfrecord-spill-", dir=spill_parent) as spill_dir,
           multiprocessing.get_context(method).Pool(workers) as pool):
@@ -437,6 +435,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"raw": args.raw}, {"records": args.out},
                                                          workers=args.workers),
                      errors=(DatasetError,))
+
 
 if __name__ == "__main__":
     sys.exit(main())

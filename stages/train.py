@@ -458,5 +458,6 @@ def main(argv: Iterable[str] | None = None) -> int:
                                                          {"checkpoints": args.checkpoints, "log": args.log}),
                      errors=(ModelError, DataError, TrainError))
 
+
 if __name__ == "__main__":
     sys.exit(main())

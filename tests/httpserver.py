@@ -91,12 +91,16 @@ class FileServer:
             self.requests.append(request)
 
 
-def dead_url(name: str = "archive.tar.gz") -> str:
-    """A URL on 127.0.0.1 whose port has nothing listening: connecting is refused."""
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (until someone binds it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{name}"
+        return sock.getsockname()[1]
+
+
+def dead_url(name: str = "archive.tar.gz") -> str:
+    """A URL on 127.0.0.1 whose port has nothing listening: connecting is refused."""
+    return f"http://127.0.0.1:{free_port()}/{name}"
 
 
 def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
