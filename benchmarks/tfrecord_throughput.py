@@ -69,8 +69,9 @@ def build_full_size_set(sample_raw: Path, out: Path, per_class: int) -> int:
 
 
 def timed_run(raw: Path, out: Path, workers: int) -> tuple[float, int]:
-    """The stage as `dvc repro` runs it, in its own process; its own figure leaves out the
-    TensorFlow import, which costs both variants the same seconds."""
+    """The stage as `dvc repro` runs it, in its own process; its own figure (listing, pool
+    start, writing, stats.json) leaves out the interpreter's start and imports, the same
+    for both variants."""
     result = subprocess.run([sys.executable, "-m", "stages.tfrecord", "--raw", str(raw), "--out", str(out),
                              "--workers", str(workers)], capture_output=True, text=True, check=True)
     count, seconds = re.search(r"tfrecord: (\d+) examples in ([\d.]+) s", result.stdout).groups()

@@ -170,7 +170,7 @@ class Export:
     max_detections: int = 100
     extra_signatures: list[str] = field(default_factory=list)
     check_images: int = 16
-    check_tolerance: float = 1e-4
+    check_tolerance: float = 1e-3
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Splits trainval rows the way the TF OD API pets tool does (seeded shuffle, first
 ``train_fraction`` to train), judges every file by its bytes rather than its name, and
 writes TF OD API examples (``detkit.records``), ``label_map.pbtxt`` and ``stats.json``
-listing every repair and skip. Decoding and serialising run in a process pool; results come
-back in input order, so the shards are byte-identical for the same inputs and params. The
+listing every repair and skip. Rows go to shards round-robin as in the pets tool, so every
+shard is an independent job: a process pool decodes, serialises and writes whole shards, and
+the shards are byte-identical for the same inputs and params whatever the process count. The
 stage never imports TensorFlow (``detkit.records`` serialises and frames the records).
 """
 
@@ -14,12 +15,10 @@ import contextlib
 import functools
 import hashlib
 import io
-import itertools
 import multiprocessing
 import os
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -236,81 +235,51 @@ def load_example(task: Task, class_ids: dict[str, int]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the stage
 
 
-SPILL_ROTATE_BYTES = 256 << 20
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard file and its tasks in order: shards are independent, so one process writes
+    each straight to disk and the parent never touches example bytes."""
+
+    path: str
+    tasks: list[Task]
 
 
-_spill_files: dict[str, io.BufferedWriter] = {}  # in each worker: spill folder -> the file it appends to
-
-
-def _load_spilled(task: Task, class_ids: dict[str, int], spill_dir: str, rotate_bytes: int) -> dict[str, Any]:
-    """Worker side of the pool: the example goes to this process's spill file and only its
-    place comes back, instead of ~35 KB per image pickled through the pool's one pipe.
-
-    Each worker fills its files in task order and starts a new one past ``rotate_bytes``,
-    so the parent, reading in task order, may delete a file once it reads the next one.
-    """
-    result = load_example(task, class_ids)
-    if "example" in result:
-        spill = _spill_files.get(spill_dir)
-        if spill is None or spill.tell() > rotate_bytes:
-            number = int(Path(spill.name).stem.split("-")[1]) + 1 if spill else 0
-            if spill:
-                spill.close()
-            spill = _spill_files[spill_dir] = open(Path(spill_dir) / f"{os.getpid()}-{number}.bin", "wb")  # noqa: SIM115
-        offset = spill.tell()
-        spill.write(result["example"])
-        spill.flush()  # in the kernel's hands before the parent hears of it
-        result["example"] = (os.getpid(), spill.name, offset, len(result["example"]))
-    return result
-
-
-def _unspill(results: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Parent side: read each example back from its worker's spill file, in task order."""
-    current: dict[int, tuple[str, int]] = {}  # worker pid -> (open spill file, descriptor)
+def write_shard(job: ShardJob, class_ids: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
+    """Write ``job.path``; return it with one ``load_example`` result per task, minus the bytes."""
+    shard = TFRecordFile(Path(job.path))
+    results = []
     try:
-        for result in results:
+        for task in job.tasks:
+            result = load_example(task, class_ids)
             if "example" in result:
-                pid, path, offset, size = result["example"]
-                if pid not in current or current[pid][0] != path:
-                    if pid in current:  # that worker moved on: nothing later lives in its old file
-                        os.close(current[pid][1])
-                        os.unlink(current[pid][0])
-                    current[pid] = (path, os.open(path, os.O_RDONLY))
-                result["example"] = os.pread(current[pid][1], size, offset)
-            yield result
+                shard.write(result.pop("example"))
+            results.append(result)
     finally:
-        for _, fd in current.values():
-            os.close(fd)
+        shard.close()
+    return job.path, results
 
 
-LoadAll = Callable[[list[Task], dict[str, int]], Iterator[dict[str, Any]]]
+JobResult = tuple[str, list[dict[str, Any]]]
+JobMap = Callable[[Callable[[ShardJob], JobResult], list[ShardJob]], Iterator[JobResult]]
 
 
 @contextlib.contextmanager
-def _mapper(workers: int, spill_parent: Path, spill_rotate_bytes: int = SPILL_ROTATE_BYTES) -> Iterator[LoadAll]:
-    """``load_example`` over tasks, results in input order: in-process for one worker, else one
-    pool for the whole run (starting processes costs as much as decoding hundreds of images).
+def _shard_mapper(workers: int) -> Iterator[JobMap]:
+    """A ``map`` over shard jobs that yields results as jobs finish: in-process (in order) for
+    one worker, else a process pool for the whole run.
 
     Forked workers start at once; but forking a process that holds TensorFlow's threads can
     deadlock, so a parent that has already imported TensorFlow spawns fresh interpreters.
     """
     if workers <= 1:
-        yield lambda tasks, class_ids: (load_example(task, class_ids) for task in tasks)
+        yield map
         return
     method = "spawn" if "tensorflow" in sys.modules else "fork"
     if method == "fork":  # what each worker would set up on its first image, done once for all
         Image.preinit()
         example_class()
-    # Spill files sit beside the output: /tmp may be RAM, and the records need that disk anyway.
-    with (tempfile.TemporaryDirectory(prefix=".tfrecord-spill-", dir=spill_parent) as spill_dir,
-          multiprocessing.get_context(method).Pool(workers) as pool):
-        def load_all(tasks: list[Task], class_ids: dict[str, int]) -> Iterator[dict[str, Any]]:
-            load = functools.partial(_load_spilled, class_ids=class_ids, spill_dir=spill_dir,
-                                     rotate_bytes=spill_rotate_bytes)
-            # Big chunks save round trips; a few per worker at the end keep the last ones even.
-            chunksize = max(1, min(64, len(tasks) // (8 * workers)))
-            return _unspill(pool.imap(load, tasks, chunksize=chunksize))
-        yield load_all
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield pool.imap_unordered
 
 
 def _shard_names(split: str, count: int) -> list[str]:
@@ -323,15 +292,8 @@ def default_workers() -> int:
 
 def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | None = None) -> dict[str, Any]:
     """Build ``outputs["records"]`` (shards, label_map.pbtxt, stats.json) from ``inputs["raw"]``."""
-    raw, out = Path(inputs["raw"]), Path(outputs["records"])
-    workers = workers or default_workers()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _mapper(workers, out.parent) as load_all:
-        return _write_records(cfg, raw, out, load_all)
-
-
-def _write_records(cfg, raw: Path, out: Path, load_all) -> dict[str, Any]:
     started = time.perf_counter()
+    raw, out = Path(inputs["raw"]), Path(outputs["records"])
     if cfg.dataset.layout == "pets":
         rows, listed, label_map = list_pets(raw)
     else:
@@ -349,48 +311,56 @@ def _write_records(cfg, raw: Path, out: Path, load_all) -> dict[str, Any]:
         "ignored": [],
     }
     splits = dict(zip(("train", "val"), split_rows(rows, cfg.split.train_fraction, cfg.split.seed)))
+    shard_names = {split: _shard_names(split, cfg.tfrecord[f"{split}_shards"]) for split in splits}
     tasks: dict[str, list[Task]] = {split: [] for split in splits}
-    unusable: dict[str, list[dict[str, str]]] = {split: [] for split in splits}
+    shard_tasks: dict[str, list[Task]] = {name: [] for names in shard_names.values() for name in names}
     image_names, xml_names = file_names(images), file_names(xmls)
     for split, split_rows_ in splits.items():
-        for stem, class_name in split_rows_:
+        for position, (stem, class_name) in enumerate(split_rows_):
             image = find_image(image_names, stem)
             if image is None:
-                unusable[split].append({"file": f"images/{stem}.jpg", "split": split, "reason": "image file missing"})
+                stats["skipped"].append({"file": f"images/{stem}.jpg", "split": split, "reason": "image file missing"})
             elif f"{stem}.xml" not in xml_names:
-                unusable[split].append({"file": f"images/{image}", "split": split,
-                                        "reason": "no XML annotation (no head box)"})
+                stats["skipped"].append({"file": f"images/{image}", "split": split,
+                                         "reason": "no XML annotation (no head box)"})
             else:
-                tasks[split].append(Task(os.path.join(images, image), os.path.join(xmls, f"{stem}.xml"),
-                                         f"images/{image}", class_name))
-    # One stream for both splits: the pool does not drain and refill between them.
-    results = load_all([task for split in splits for task in tasks[split]], ids)
+                task = Task(os.path.join(images, image), os.path.join(xmls, f"{stem}.xml"), f"images/{image}",
+                            class_name)
+                tasks[split].append(task)
+                # Row position modulo shard count, skipped rows included, as the TF OD API pets tool.
+                names = shard_names[split]
+                shard_tasks[names[position % len(names)]].append(task)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
+        # Biggest first: the last job to start is a short one, so the processes finish together.
+        jobs = sorted((ShardJob(str(tmp / name), shard_tasks[name]) for name in shard_tasks),
+                      key=lambda job: -len(job.tasks))
+        results: dict[Task, dict[str, Any]] = {}
+        total = sum(len(job.tasks) for job in jobs)
+        with (tqdm(total=total, desc="tfrecord", unit="img") as progress,
+              _shard_mapper(min(workers or default_workers(), len(jobs))) as map_jobs):
+            finished = map_jobs(functools.partial(write_shard, class_ids=ids), jobs)
+            for path, job_results in finished:
+                results.update(zip(shard_tasks[Path(path).name], job_results))
+                progress.update(len(job_results))
         for split in splits:
-            stats["skipped"].extend(unusable[split])
-            count = cfg.tfrecord[f"{split}_shards"]
-            names = _shard_names(split, count)
-            writers = [TFRecordFile(tmp / n) for n in names]
             per_class: Counter[str] = Counter()
             written = boxes = 0
-            progress = tqdm(itertools.islice(results, len(tasks[split])), total=len(tasks[split]),
-                            desc=f"tfrecord {split}", unit="img")
-            for task, result in zip(tasks[split], progress):
+            for task in tasks[split]:
+                result = results[task]
                 if result.get("repairs"):
                     stats["repaired"].append({"file": task.rel, "split": split, "reasons": result["repairs"]})
                 if "skip" in result:
                     stats["skipped"].append({"file": task.rel, "split": split, "reason": result["skip"]})
                     continue
-                writers[written % count].write(result["example"])
                 written += 1
                 boxes += len(result["classes"])
                 per_class.update(result["classes"])
-            for writer in writers:
-                writer.close()
             stats["splits"][split] = {
                 "examples": written,
                 "boxes": boxes,
-                "shards": names,
+                "shards": shard_names[split],
                 "per_class": {label_map[i]: per_class[label_map[i]] for i in sorted(label_map)},
             }
         for name in sorted(image_names):
@@ -431,7 +401,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = stage_parser("stages.tfrecord", __doc__)
     parser.add_argument("--raw", type=Path, required=True, help="extracted dataset (download stage output)")
     parser.add_argument("--out", type=Path, required=True, help="records folder to write")
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores; at most one per shard)")
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"raw": args.raw}, {"records": args.out},
                                                          workers=args.workers),
                      errors=(DatasetError,))

@@ -54,7 +54,7 @@ def test_layout_is_tf_servings_with_label_map_and_passed_check(demo_repo, versio
         read_label_map(demo_repo / "data" / "records" / "label_map.pbtxt")
     check = json.loads((version_1 / "assets.extra" / "export_check.json").read_text())
     assert check["passed"] and check["images"] == 16 and check["version"] == 1
-    assert max(check["max_abs_difference"].values()) <= check["tolerance"] == 1e-4
+    assert max(check["max_abs_difference"].values()) <= check["tolerance"] == 1e-3
 
 
 def test_saved_model_cli_shows_the_design_signature(version_1):

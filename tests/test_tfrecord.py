@@ -184,24 +184,26 @@ def test_missing_list_file_is_named(cfg, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_worker_pool_hands_examples_over_in_order_and_cleans_up(sample_raw, tmp_path):
-    # Small spill files force rotation: the parent deletes each once its worker moved on.
-    rows, _, label_map = tfrecord.list_pets(sample_raw)
-    ids = {name: i for i, name in label_map.items()}
-    names = tfrecord.file_names(sample_raw / "images")
-    tasks = [tfrecord.Task(str(sample_raw / "images" / image), str(sample_raw / "annotations" / "xmls" / f"{stem}.xml"),
-                           image, breed)
-             for stem, breed in rows if (image := tfrecord.find_image(names, stem))
-             and (sample_raw / "annotations" / "xmls" / f"{stem}.xml").is_file()]
-    in_process = [tfrecord.load_example(task, ids) for task in tasks]
-    seen, most_at_once = set(), 0
-    with tfrecord._mapper(2, tmp_path, spill_rotate_bytes=50_000) as load_all:
-        pooled = []
-        for result in load_all(tasks, ids):
-            pooled.append(result)
-            now = {p.name for p in tmp_path.glob(".tfrecord-spill-*/*.bin")}
-            seen |= now
-            most_at_once = max(most_at_once, len(now))
-    assert pooled == in_process
-    assert most_at_once < len(seen)  # read files went away during the run, not only at its end
-    assert list(tmp_path.iterdir()) == []
+def test_process_pool_writes_what_one_process_writes(sample_raw, cfg, tmp_path):
+    # More processes than cores: every shard is its own job, finished in any order.
+    tfrecord.run(cfg, {"raw": sample_raw}, {"records": tmp_path / "pool"}, workers=3)
+    tfrecord.run(cfg, {"raw": sample_raw}, {"records": tmp_path / "one"}, workers=1)
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "pool").iterdir())
+    for name in names:  # stats.json too: its lists follow the task order, not the finishing order
+        assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "pool"]  # no temporary left beside
+
+
+def test_shards_take_rows_round_robin_like_the_pets_tool(sample_raw, sample_records, stats, cfg):
+    # create_pet_tf_record writes row i to shard i % num_shards, counting rows it skips.
+    rows, _, _ = tfrecord.list_pets(sample_raw)
+    skipped = {entry["file"].split("/")[1].split(".")[0] for entry in stats["skipped"]}
+    spec = feature_spec()
+    for split, split_rows in zip(("train", "val"), tfrecord.split_rows(rows, cfg.split.train_fraction, cfg.split.seed)):
+        count = cfg.tfrecord[f"{split}_shards"]
+        for number, name in enumerate(stats["splits"][split]["shards"]):
+            stems = [tf.io.parse_single_example(r, spec)["image/filename"].numpy().decode().split(".")[0]
+                     for r in tf.data.TFRecordDataset(str(sample_records / name))]
+            expected = [stem for i, (stem, _) in enumerate(split_rows) if i % count == number and stem not in skipped]
+            assert stems == expected, name
