@@ -12,9 +12,11 @@ Covered (https://www.tensorflow.org/tfx/serving/api_rest):
   with 4xx.
 
 Like TF Serving's default version policy it serves the newest version folder under
-``--model_base_path``. Not covered: gRPC, classify/regress, model config files, batching
-(its flags are accepted and ignored). It runs on gunicorn (threads: requests are served
-concurrently; TensorFlow releases the GIL while it computes).
+``--model_base_path``. ``--enable_batching`` with ``--batching_parameters_file`` batches
+concurrent :predict requests as TF Serving's batch scheduler does (``BatchScheduler``). Not
+covered: gRPC, classify/regress, model config files; the thread-pool flags are accepted and
+ignored. It runs on gunicorn (threads: requests are served concurrently; TensorFlow releases
+the GIL while it computes).
 
     python -m detkit.tfserving --rest_api_port=8501 --model_name=pet_object_detection \
         --model_base_path=models/export/pet_object_detection
@@ -25,14 +27,21 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import collections
+import dataclasses
+import difflib
 import json
 import logging
+import os
 import re
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flask import Flask, Response, request
 
 from detkit.fsio import versions
@@ -55,9 +64,10 @@ class ServedModel:
     """The newest version under ``base_path``, loaded in the background (status LOADING
     until then, as TF Serving reports while a version loads)."""
 
-    def __init__(self, name: str, base_path: Path):
+    def __init__(self, name: str, base_path: Path, batching: BatchScheduler | None = None):
         self.name = name
         self.base_path = Path(base_path)
+        self.batching = batching
         self.version: int | None = None
         self.state = "START"
         self.error = ""
@@ -66,6 +76,8 @@ class ServedModel:
         self.saved_model: Any = None  # holds the variables that the signatures use
 
     def load_in_background(self) -> threading.Thread:
+        if self.batching:
+            self.batching.start()
         thread = threading.Thread(target=self._load, name=f"load-{self.name}", daemon=True)
         thread.start()
         return thread
@@ -142,7 +154,13 @@ class ServedModel:
             columns = _columnar(payload["inputs"], specs)
         else:
             raise RequestError(400, "Missing 'inputs' or 'instances' key")
-        outputs = _call(function, {k: _tensor(k, v, specs[k]) for k, v in columns.items()})
+        arrays = {k: _array(k, v, specs[k]) for k, v in columns.items()}
+        if self.batching and all(spec.shape.rank and spec.shape[0] is None for spec in specs.values()):
+            # Requests batch together only where every input but the batch dimension agrees.
+            key = (name, *((k, v.shape[1:], v.dtype.str) for k, v in sorted(arrays.items())))
+            outputs = self.batching.run(key, lambda batch: _call(function, batch), arrays)
+        else:
+            outputs = _call(function, arrays)
         if "instances" in payload:
             batch = len(next(iter(columns.values())))
             rows = [{k: v[i].tolist() for k, v in outputs.items()} for i in range(batch)]
@@ -179,8 +197,7 @@ def _columnar(inputs: Any, specs: dict[str, Any]) -> dict[str, Any]:
     return inputs
 
 
-def _tensor(name: str, values: Any, spec: Any) -> Any:
-    import numpy as np
+def _array(name: str, values: Any, spec: Any) -> np.ndarray:
     import tensorflow as tf
 
     if spec.dtype == tf.string:
@@ -193,7 +210,7 @@ def _tensor(name: str, values: Any, spec: Any) -> Any:
     if not spec.shape.is_compatible_with(array.shape):
         raise RequestError(400, f"input '{name}': shape {list(array.shape)} does not match the signature's "
                                 f"{spec.shape.as_list()}")
-    return tf.constant(array, dtype=spec.dtype)
+    return array
 
 
 def _strings(name: str, values: Any) -> Any:
@@ -210,11 +227,11 @@ def _strings(name: str, values: Any) -> Any:
     raise RequestError(400, f"input '{name}': expected a string or {{\"b64\": \"...\"}}, got {json.dumps(values)[:80]}")
 
 
-def _call(function, tensors: dict[str, Any]) -> dict[str, Any]:
+def _call(function, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
     try:
-        outputs = function(**tensors)
+        outputs = function(**{k: tf.constant(v) for k, v in arrays.items()})
     except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
         # TF Serving answers INVALID_ARGUMENT (undecodable image, bad shape) with 400.
         raise RequestError(400, _reason(getattr(exc, "message", None) or str(exc))) from exc
@@ -226,6 +243,141 @@ def _reason(message: str) -> str:
     noise = ("Graph execution error", "Detected at node", "<stack traces", "[[")
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return next((line for line in lines if not line.startswith(noise)), lines[0] if lines else "invalid argument")
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingParameters:
+    """TF Serving's BatchingParameters, with its defaults for fields a file leaves out."""
+
+    max_batch_size: int = 1000  # examples (instances) per batch, not requests
+    batch_timeout_micros: int = 0  # longest wait for a batch to fill once its first request is queued
+    num_batch_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    max_enqueued_batches: int = 10  # queue capacity, in batches; beyond it requests get 503
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> BatchingParameters:
+        """The text format of ``--batching_parameters_file``: ``max_batch_size { value: 8 }`` ..."""
+        entry = re.compile(r"(\w+)\s*\{\s*value\s*:\s*(-?\d+)\s*\}")
+        text = re.sub(r"#[^\n]*", "", text)
+        leftover = entry.sub("", text).strip()
+        if leftover:
+            raise ValueError(f"{source}: cannot read {leftover[:60]!r}: expected fields like "
+                             "'max_batch_size { value: 8 }'")
+        known = [f.name for f in dataclasses.fields(cls)]
+        values = {}
+        for key, value in entry.findall(text):
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
+                raise ValueError(f"{source}: unknown field '{key}'{hint}")
+            if int(value) < (0 if key == "batch_timeout_micros" else 1):
+                raise ValueError(f"{source}: {key} must be {'>= 0' if key == 'batch_timeout_micros' else '>= 1'}")
+            values[key] = int(value)
+        return cls(**values)
+
+
+@dataclasses.dataclass(eq=False)
+class _Task:
+    key: tuple
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    inputs: dict[str, np.ndarray]
+    size: int
+    queued_at: float
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    outputs: dict[str, np.ndarray] | None = None
+    error: BaseException | None = None
+
+
+class BatchScheduler:
+    """Concurrent requests with the same key run as one batch, as TF Serving's
+    BasicBatchScheduler runs them: a batch closes when it holds ``max_batch_size`` examples
+    or ``batch_timeout_micros`` after its first request was queued, whichever comes first, and
+    one of ``num_batch_threads`` threads runs it. With a timeout of 0 a lone request never
+    waits; under load, requests that queue while the threads are busy share the next batch.
+    """
+
+    def __init__(self, parameters: BatchingParameters):
+        self.parameters = parameters
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # examples per batch run
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._queued = 0  # examples waiting
+        self._changed = threading.Condition()
+
+    def start(self) -> None:
+        """Start the batch threads, in the process that serves (threads do not survive a fork)."""
+        for number in range(self.parameters.num_batch_threads):
+            threading.Thread(target=self._work, name=f"batch-{number}", daemon=True).start()
+
+    def run(self, key: tuple, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+            inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``run(inputs)``, possibly concatenated with other requests' inputs along axis 0."""
+        size = len(next(iter(inputs.values())))
+        p = self.parameters
+        if size > p.max_batch_size:
+            raise RequestError(400, f"Task size {size} is larger than maximum batch size {p.max_batch_size}")
+        task = _Task(key, run, inputs, size, time.monotonic())
+        with self._changed:
+            if self._queued + size > p.max_enqueued_batches * p.max_batch_size:
+                raise RequestError(503, "The batch scheduling queue to which this task was submitted is full")
+            self._queue.append(task)
+            self._queued += size
+            self._changed.notify_all()
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.outputs
+
+    def _next_batch(self) -> list[_Task]:
+        """Called holding the lock: wait until the oldest request's batch may close, take it."""
+        timeout = self.parameters.batch_timeout_micros / 1e6
+        while True:
+            if self._queue:
+                first = self._queue[0]
+                batch, size, full = [], 0, False
+                for task in self._queue:
+                    if task.key == first.key:
+                        if size + task.size > self.parameters.max_batch_size:
+                            full = True
+                            break
+                        batch.append(task)
+                        size += task.size
+                wait = first.queued_at + timeout - time.monotonic()
+                if full or size == self.parameters.max_batch_size or wait <= 0:
+                    for task in batch:
+                        self._queue.remove(task)
+                    self._queued -= size
+                    return batch
+                self._changed.wait(wait)
+            else:
+                self._changed.wait()
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                batch = self._next_batch()
+            self._run(batch)
+
+    def _run(self, batch: list[_Task]) -> None:
+        inputs = {name: np.concatenate([task.inputs[name] for task in batch]) for name in batch[0].inputs}
+        try:
+            outputs = batch[0].run(inputs)
+        except Exception as exc:
+            if len(batch) > 1:  # one request's bad image fails the whole call: only it may fail
+                for task in batch:
+                    self._run([task])
+                return
+            batch[0].error = exc
+            batch[0].done.set()
+            return
+        self.batch_sizes[len(batch)] += 1
+        start = 0
+        for task in batch:
+            task.outputs = {k: v[start:start + task.size] for k, v in outputs.items()}
+            start += task.size
+            task.done.set()
 
 
 def create_app(model: ServedModel) -> Flask:
@@ -290,15 +442,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rest_api_num_threads", type=int, default=8)
     parser.add_argument("--rest_api_timeout_in_ms", type=int, default=60_000)
     parser.add_argument("--rest_api_host", default="127.0.0.1", help="stand-in only: address to bind")
-    for ignored in ("--port", "--enable_batching", "--batching_parameters_file", "--tensorflow_intra_op_parallelism",
-                    "--tensorflow_inter_op_parallelism"):
+    parser.add_argument("--enable_batching", nargs="?", const="true", default="false", choices=["true", "false"])
+    parser.add_argument("--batching_parameters_file", type=Path, help="BatchingParameters in text format")
+    for ignored in ("--port", "--tensorflow_intra_op_parallelism", "--tensorflow_inter_op_parallelism"):
         parser.add_argument(ignored, nargs="?", const="true", help="accepted for compatibility, ignored here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s tfserving %(levelname)s %(message)s")
     if not args.model_base_path.is_dir():
         print(f"error: --model_base_path {args.model_base_path}: no such folder", file=sys.stderr)
         return 2
-    model = ServedModel(args.model_name, args.model_base_path.resolve())
+    batching = None
+    if args.enable_batching == "true":
+        try:
+            file = args.batching_parameters_file
+            parameters = BatchingParameters.parse(file.read_text(), str(file)) if file else BatchingParameters()
+        except (OSError, ValueError) as exc:
+            print(f"error: --batching_parameters_file: {exc}", file=sys.stderr)
+            return 2
+        log.info("batching: %s", parameters)
+        batching = BatchScheduler(parameters)
+    model = ServedModel(args.model_name, args.model_base_path.resolve(), batching)
     serve(model, args.rest_api_host, args.rest_api_port, args.rest_api_num_threads,
           max(1, args.rest_api_timeout_in_ms // 1000))
     return 0

@@ -8,6 +8,7 @@ import io
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import requests
 from PIL import Image
 
 from detkit.predict import request_body
+from detkit.tfserving import BatchingParameters, BatchScheduler, RequestError
 
 pytestmark = pytest.mark.slow
 
@@ -177,3 +179,144 @@ def test_eight_clients_for_thirty_seconds_see_no_error(served, val_examples):
     print(f"load: {sum(counts)} requests from 8 clients in 30 s, {len(failures)} failed")
     assert not failures, failures[:5]
     assert min(counts) > 0
+
+
+def test_eight_clients_with_different_images_each_get_their_own_answer(served, val_examples):
+    # Batching is on by default: concurrent requests share batches, and each answer must still
+    # be the one its image gets when it is sent alone.
+    served.log.flush()
+    assert "batching: BatchingParameters(max_batch_size=32, batch_timeout_micros=0" in Path(served.log.name).read_text()
+    images = [example["encoded"] for example in val_examples[:8]]
+    alone = [post(served.invocations_url, tutorial_request(image)).json()["predictions"][0] for image in images]
+    answers: dict[int, list] = {i: [] for i in range(8)}
+
+    def client(i: int) -> None:
+        with requests.Session() as session:
+            for _ in range(10):
+                response = session.post(served.invocations_url, data=tutorial_request(images[i]),
+                                        headers={"content-type": "application/json"}, timeout=60)
+                answers[i].append(response.json()["predictions"][0])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, got in answers.items():
+        assert len(got) == 10
+        for prediction in got:
+            assert prediction["detection_classes"] == alone[i]["detection_classes"], i
+            np.testing.assert_allclose(prediction["detection_boxes"], alone[i]["detection_boxes"], atol=1e-4)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_batching_parameters_are_read_as_tf_serving_writes_them():
+    text = ("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 0 }  # comment\n"
+            "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 100 }\n")
+    assert BatchingParameters.parse(text, "b.config") == BatchingParameters(32, 0, 2, 100)
+    assert BatchingParameters.parse("max_batch_size { value: 4 }", "b.config").max_enqueued_batches == 10
+    with pytest.raises(ValueError, match="b.config: unknown field 'max_batch_sise'; did you mean 'max_batch_size'"):
+        BatchingParameters.parse("max_batch_sise { value: 4 }", "b.config")
+    with pytest.raises(ValueError, match="b.config: num_batch_threads must be >= 1"):
+        BatchingParameters.parse("num_batch_threads { value: 0 }", "b.config")
+    with pytest.raises(ValueError, match="b.config: cannot read 'max_batch_size: 4'"):
+        BatchingParameters.parse("max_batch_size: 4", "b.config")
+
+
+class Model:
+    """A model for the scheduler: doubles its input, remembers each batch it ran, and can be
+    held (to let requests queue up) or fail on negative input (a bad image)."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, inputs):
+        self.release.wait(10)
+        x = inputs["x"]
+        if (x < 0).any():
+            raise RequestError(400, f"bad input {x.tolist()}")
+        self.batches.append(x.tolist())
+        return {"y": x * 2}
+
+
+def submit_all(scheduler, model, values, pause_s: float = 0.0) -> dict:
+    results = {}
+
+    def request(value):
+        try:
+            results[value] = scheduler.run(("sig",), model, {"x": np.array([value])})["y"].tolist()
+        except RequestError as exc:
+            results[value] = (exc.status, exc.message)
+
+    threads = []
+    for value in values:
+        threads.append(threading.Thread(target=request, args=(value,)))
+        threads[-1].start()
+        time.sleep(pause_s)
+    for t in threads:
+        t.join()
+    return results
+
+
+def scheduler_with(**parameters) -> BatchScheduler:
+    scheduler = BatchScheduler(BatchingParameters(**{"num_batch_threads": 1, **parameters}))
+    scheduler.start()
+    return scheduler
+
+
+def test_requests_queued_while_the_model_is_busy_share_one_batch_and_get_their_own_rows():
+    model = Model()
+    scheduler = scheduler_with(max_batch_size=8, batch_timeout_micros=0)
+    model.release.clear()
+    first = threading.Thread(target=submit_all, args=(scheduler, model, [100]))
+    first.start()
+    time.sleep(0.2)  # the lone first request is running (held), not waiting for company
+    waiting = threading.Thread(target=submit_all, args=(scheduler, model, [1, 2, 3, 4, 5, 6, 7], 0.01))
+    waiting.start()
+    time.sleep(0.3)
+    model.release.set()
+    first.join()
+    waiting.join()
+    assert model.batches[0] == [100]
+    assert sorted(model.batches[1]) == [1, 2, 3, 4, 5, 6, 7]  # all seven in the next batch
+    assert scheduler.batch_sizes == {1: 1, 7: 1}
+
+
+def test_timeout_lets_a_batch_wait_for_company_and_a_full_batch_goes_at_once():
+    model = Model()
+    started = time.monotonic()
+    results = submit_all(scheduler_with(max_batch_size=2, batch_timeout_micros=5_000_000), model, [1, 2, 3, 4], 0.05)
+    assert results == {1: [2], 2: [4], 3: [6], 4: [8]}
+    assert sorted(map(sorted, model.batches)) == [[1, 2], [3, 4]]
+    assert time.monotonic() - started < 2.5  # each batch went when full, not after its 5 s timeout
+
+
+def test_full_queue_answers_503_and_too_big_a_request_400():
+    model = Model()
+    scheduler = scheduler_with(max_batch_size=2, max_enqueued_batches=1)
+    model.release.clear()
+    running = threading.Thread(target=submit_all, args=(scheduler, model, [1]))
+    running.start()
+    time.sleep(0.2)
+    queued = threading.Thread(target=submit_all, args=(scheduler, model, [2, 3]))
+    queued.start()
+    time.sleep(0.2)  # 2 and 3 fill the queue (one batch of 2)
+    with pytest.raises(RequestError, match="queue to which this task was submitted is full") as full:
+        scheduler.run(("sig",), model, {"x": np.array([4])})
+    assert full.value.status == 503
+    model.release.set()
+    running.join()
+    queued.join()
+    with pytest.raises(RequestError, match="Task size 3 is larger than maximum batch size 2"):
+        scheduler.run(("sig",), model, {"x": np.array([1, 2, 3])})
+
+
+def test_a_bad_request_in_a_batch_fails_alone():
+    model = Model()
+    scheduler = scheduler_with(max_batch_size=8, batch_timeout_micros=300_000)
+    results = submit_all(scheduler, model, [1, -1, 2], 0.02)
+    assert results == {1: [2], -1: (400, "bad input [-1]"), 2: [4]}
