@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -268,19 +269,30 @@ def scheduler_with(**parameters) -> BatchScheduler:
     return scheduler
 
 
+@contextlib.contextmanager
+def model_busy(scheduler, model, running: list[int], queued: list[int], pause_s: float = 0.0):
+    """The model held on a batch of ``running`` while ``queued`` requests queue up behind it;
+    released when the block ends."""
+    model.release.clear()
+    threads = [threading.Thread(target=submit_all, args=(scheduler, model, running))]
+    threads[0].start()
+    time.sleep(0.2)  # running (held) by now: with no timeout it did not wait for company
+    threads.append(threading.Thread(target=submit_all, args=(scheduler, model, queued, pause_s)))
+    threads[1].start()
+    time.sleep(0.3)
+    try:
+        yield
+    finally:
+        model.release.set()
+        for t in threads:
+            t.join()
+
+
 def test_requests_queued_while_the_model_is_busy_share_one_batch_and_get_their_own_rows():
     model = Model()
     scheduler = scheduler_with(max_batch_size=8, batch_timeout_micros=0)
-    model.release.clear()
-    first = threading.Thread(target=submit_all, args=(scheduler, model, [100]))
-    first.start()
-    time.sleep(0.2)  # the lone first request is running (held), not waiting for company
-    waiting = threading.Thread(target=submit_all, args=(scheduler, model, [1, 2, 3, 4, 5, 6, 7], 0.01))
-    waiting.start()
-    time.sleep(0.3)
-    model.release.set()
-    first.join()
-    waiting.join()
+    with model_busy(scheduler, model, [100], [1, 2, 3, 4, 5, 6, 7], pause_s=0.01):
+        pass
     assert model.batches[0] == [100]
     assert sorted(model.batches[1]) == [1, 2, 3, 4, 5, 6, 7]  # all seven in the next batch
     assert scheduler.batch_sizes == {1: 1, 7: 1}
@@ -298,19 +310,10 @@ def test_timeout_lets_a_batch_wait_for_company_and_a_full_batch_goes_at_once():
 def test_full_queue_answers_503_and_too_big_a_request_400():
     model = Model()
     scheduler = scheduler_with(max_batch_size=2, max_enqueued_batches=1)
-    model.release.clear()
-    running = threading.Thread(target=submit_all, args=(scheduler, model, [1]))
-    running.start()
-    time.sleep(0.2)
-    queued = threading.Thread(target=submit_all, args=(scheduler, model, [2, 3]))
-    queued.start()
-    time.sleep(0.2)  # 2 and 3 fill the queue (one batch of 2)
-    with pytest.raises(RequestError, match="queue to which this task was submitted is full") as full:
+    with (model_busy(scheduler, model, [1], [2, 3]),  # 2 and 3 fill the queue: one batch of 2
+          pytest.raises(RequestError, match="queue to which this task was submitted is full") as full):
         scheduler.run(("sig",), model, {"x": np.array([4])})
     assert full.value.status == 503
-    model.release.set()
-    running.join()
-    queued.join()
     with pytest.raises(RequestError, match="Task size 3 is larger than maximum batch size 2"):
         scheduler.run(("sig",), model, {"x": np.array([1, 2, 3])})
 
