@@ -401,7 +401,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser = stage_parser("stages.tfrecord", __doc__)
     parser.add_argument("--raw", type=Path, required=True, help="extracted dataset (download stage output)")
     parser.add_argument("--out", type=Path, required=True, help="records folder to write")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores; at most one per shard)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes (default: all cores; at most one per shard)")
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"raw": args.raw}, {"records": args.out},
                                                          workers=args.workers),
                      errors=(DatasetError,))
