@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from benchmarks import serving_latency
 from detkit.config import load_config
@@ -37,34 +38,33 @@ def time_demo(root: Path) -> float:
 
 
 def input_vs_step(root: Path, batches: int = 30) -> tuple[float, float]:
-    # The copy's params: DVC_ROOT is how stages find the repo (restored by main afterwards).
-    os.environ["DVC_ROOT"] = str(root)
     from detkit import data, model
-    from detkit.config import load_config
     from stages.train import make_optimizer, make_schedule
 
-    cfg = load_config()
-    t, records = cfg.train, root / "data" / "records"
-    label_map = model.load_label_map(records)
-    detector = model.build_detector(cfg.model, len(label_map))
-    detector.compile(optimizer=make_optimizer(t, make_schedule(t)),
-                     loss_weights={"bbox_regression": 1.0, "cls_logits": float(t.class_loss_weight)})
-    size = model.input_size(detector)
-    dataset = data.train_dataset(records, size, int(t.batch_size), t.augment, max_boxes=int(t.max_boxes),
-                                 shuffle_buffer=int(t.shuffle_buffer), seed=0, deterministic=bool(t.deterministic))
-    iterator = iter(dataset)
-    next(iterator)  # tracing and the shuffle buffer's first fill are start-up, not throughput
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    input_rate = batches * int(t.batch_size) / (time.perf_counter() - start)
+    # The copy's params and paths: DVC_ROOT is how the stages find the repo.
+    with mock.patch.dict(os.environ, DVC_ROOT=str(root)):
+        cfg = load_config()
+        t, records = cfg.train, root / "data" / "records"
+        label_map = model.load_label_map(records)
+        detector = model.build_detector(cfg.model, len(label_map))
+        detector.compile(optimizer=make_optimizer(t, make_schedule(t)),
+                         loss_weights={"bbox_regression": 1.0, "cls_logits": float(t.class_loss_weight)})
+        size = model.input_size(detector)
+        dataset = data.train_dataset(records, size, int(t.batch_size), t.augment, max_boxes=int(t.max_boxes),
+                                     shuffle_buffer=int(t.shuffle_buffer), seed=0, deterministic=bool(t.deterministic))
+        iterator = iter(dataset)
+        next(iterator)  # tracing and the shuffle buffer's first fill are start-up, not throughput
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        input_rate = batches * int(t.batch_size) / (time.perf_counter() - start)
 
-    in_memory = dataset.take(1).cache().repeat()
-    detector.fit(in_memory, epochs=1, steps_per_epoch=3, verbose=0)  # compile the step
-    start = time.perf_counter()
-    detector.fit(in_memory, epochs=1, steps_per_epoch=batches, verbose=0)
-    step_rate = batches * int(t.batch_size) / (time.perf_counter() - start)
-    return input_rate, step_rate
+        in_memory = dataset.take(1).cache().repeat()
+        detector.fit(in_memory, epochs=1, steps_per_epoch=3, verbose=0)  # compile the step
+        start = time.perf_counter()
+        detector.fit(in_memory, epochs=1, steps_per_epoch=batches, verbose=0)
+        step_rate = batches * int(t.batch_size) / (time.perf_counter() - start)
+        return input_rate, step_rate
 
 
 def main() -> None:
@@ -75,13 +75,7 @@ def main() -> None:
         verdict = "met" if seconds < GOAL_DEMO_S else "NOT met"
         print(f"make demo: {seconds:.0f} s wall (goal < {GOAL_DEMO_S} s: {verdict}); "
               f"val AP50 {metrics['AP50']:.3f}, AP {metrics['AP']:.3f} after {metrics['step']} steps")
-        saved_root = os.environ.get("DVC_ROOT")
-        try:
-            input_rate, step_rate = input_vs_step(root)
-        finally:
-            os.environ.pop("DVC_ROOT", None)
-            if saved_root is not None:
-                os.environ["DVC_ROOT"] = saved_root
+        input_rate, step_rate = input_vs_step(root)
         ratio = input_rate / step_rate
         print(f"train input pipeline: {input_rate:8.1f} images/s")
         print(f"train step (from memory): {step_rate:8.1f} images/s")

@@ -19,7 +19,6 @@ a live endpoint (create, update, wait), so that logic is tested against moto, wh
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import shutil
@@ -31,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from detkit.cli import stage_parser
 from detkit.config import ConfigError, load_config, repo_root
+from detkit.fsio import EXPORT_CHECK
 
 VARIANT = "AllTraffic"
 
@@ -114,15 +115,21 @@ def _client_error_code(exc: Exception) -> str:
     return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 
 
-def describe_endpoint(sagemaker, endpoint: str) -> dict[str, Any] | None:
+def _unless_missing(call: Callable[..., Any], missing_code: str, **kwargs) -> Any | None:
+    """``call(**kwargs)``, or None where AWS answers ``missing_code``: the thing does not exist."""
     from botocore.exceptions import ClientError
 
     try:
-        return sagemaker.describe_endpoint(EndpointName=endpoint)
+        return call(**kwargs)
     except ClientError as exc:
-        if _client_error_code(exc) == "ValidationException":  # SageMaker's "Could not find endpoint"
+        if _client_error_code(exc) == missing_code:
             return None
         raise
+
+
+def describe_endpoint(sagemaker, endpoint: str) -> dict[str, Any] | None:
+    # SageMaker answers a missing endpoint with ValidationException ("Could not find endpoint").
+    return _unless_missing(sagemaker.describe_endpoint, "ValidationException", EndpointName=endpoint)
 
 
 def quality_gate(settings: Settings) -> dict[str, Any]:
@@ -139,7 +146,7 @@ def quality_gate(settings: Settings) -> dict[str, Any]:
     manifest = json.loads(manifest_path.read_text())
     if not manifest.get("export_check_passed"):
         raise DeployError(f"refused: the export check of {manifest['model_name']} version {manifest['version']} "
-                          f"failed (see {manifest['export']}/assets.extra/export_check.json)")
+                          f"failed (see {Path(manifest['export']) / EXPORT_CHECK})")
     return {**manifest, "ap50": ap50}
 
 
@@ -164,31 +171,19 @@ def resource_name(endpoint: str, tag: str) -> str:
 
 def ensure_repository(ecr, settings: Settings) -> str:
     """The repository's URI; created (immutable tags, scan on push) when missing."""
-    from botocore.exceptions import ClientError
-
     name = settings.cfg.ecr_repository
-    try:
-        return ecr.describe_repositories(repositoryNames=[name])["repositories"][0]["repositoryUri"]
-    except ClientError as exc:
-        if _client_error_code(exc) != "RepositoryNotFoundException":
-            raise
+    found = _unless_missing(ecr.describe_repositories, "RepositoryNotFoundException", repositoryNames=[name])
+    if found:
+        return found["repositories"][0]["repositoryUri"]
     created = ecr.create_repository(repositoryName=name, imageTagMutability="IMMUTABLE",
-                                    imageScanningConfiguration={"scanOnPush": True},
-                                    tags=[{"Key": "project", "Value": settings.cfg.project_tag}])
+                                    imageScanningConfiguration={"scanOnPush": True}, tags=settings.tags)
     print(f"deploy: created ECR repository {name}")
     return created["repository"]["repositoryUri"]
 
 
 def image_exists(ecr, repository: str, tag: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])
-        return True
-    except ClientError as exc:
-        if _client_error_code(exc) in ("ImageNotFoundException", "RepositoryNotFoundException"):
-            return False
-        raise
+    return _unless_missing(ecr.describe_images, "ImageNotFoundException", repositoryName=repository,
+                           imageIds=[{"imageTag": tag}]) is not None
 
 
 def push_image(ecr, docker, settings: Settings, tag: str) -> str:
@@ -261,24 +256,22 @@ def deploy(settings: Settings, sagemaker, ecr, docker, switch: EndpointSwitch) -
     return {"endpoint": endpoint, "config": config, "model": model, "image": image, "previous": previous}
 
 
-def ours(sagemaker, arn: str, project: str) -> bool:
+def ours(sagemaker, arn: str, settings: Settings) -> bool:
     tags = sagemaker.list_tags(ResourceArn=arn).get("Tags", [])
-    return {"Key": "project", "Value": project} in tags
+    return all(tag in tags for tag in settings.tags)
 
 
 def project_resources(sagemaker, settings: Settings) -> dict[str, list[str]]:
     """This project's endpoint configs and models (by tag), newest first."""
-    project = settings.cfg.project_tag
-    configs = [c["EndpointConfigName"] for page in sagemaker.get_paginator("list_endpoint_configs").paginate(
-        SortBy="CreationTime", SortOrder="Descending") for c in page["EndpointConfigs"]
-        if ours(sagemaker, c["EndpointConfigArn"], project)]
-    models = [m["ModelName"] for page in sagemaker.get_paginator("list_models").paginate(
-        SortBy="CreationTime", SortOrder="Descending") for m in page["Models"]
-        if ours(sagemaker, m["ModelArn"], project)]
-    return {"endpoint_configs": configs, "models": models}
+    def tagged(operation: str, kind: str) -> list[str]:
+        pages = sagemaker.get_paginator(f"list_{operation}").paginate(SortBy="CreationTime", SortOrder="Descending")
+        return [item[f"{kind}Name"] for page in pages for item in page[f"{kind}s"]
+                if ours(sagemaker, item[f"{kind}Arn"], settings)]
+
+    return {"endpoint_configs": tagged("endpoint_configs", "EndpointConfig"), "models": tagged("models", "Model")}
 
 
-def status(settings: Settings, sagemaker) -> dict[str, Any]:
+def status(settings: Settings, sagemaker) -> None:
     endpoint = describe_endpoint(sagemaker, settings.cfg.endpoint_name)
     if endpoint is None:
         print(f"status: no endpoint {settings.cfg.endpoint_name} in {settings.cfg.region} (nothing billed for it)")
@@ -289,32 +282,26 @@ def status(settings: Settings, sagemaker) -> dict[str, Any]:
     resources = project_resources(sagemaker, settings)
     print(f"status: this project's endpoint configs: {', '.join(resources['endpoint_configs']) or 'none'}")
     print(f"status: this project's models: {', '.join(resources['models']) or 'none'}")
-    return {"endpoint": endpoint, **resources}
 
 
-def undeploy(settings: Settings, sagemaker) -> dict[str, Any]:
+def undeploy(settings: Settings, sagemaker) -> None:
     """Delete the endpoint (if this project made it), then this project's configs and models."""
     name = settings.cfg.endpoint_name
     endpoint = describe_endpoint(sagemaker, name)
-    deleted: dict[str, Any] = {"endpoint": None, "endpoint_configs": [], "models": []}
     if endpoint is not None:
-        if not ours(sagemaker, endpoint["EndpointArn"], settings.cfg.project_tag):
+        if not ours(sagemaker, endpoint["EndpointArn"], settings):
             raise DeployError(f"endpoint {name} was not created by this project (no project="
                               f"{settings.cfg.project_tag} tag): not touched")
         sagemaker.delete_endpoint(EndpointName=name)
         sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 15, "MaxAttempts": 80})
-        deleted["endpoint"] = name
         print(f"undeploy: deleted endpoint {name}: billing for it stops")
     resources = project_resources(sagemaker, settings)
     for config in resources["endpoint_configs"]:
         sagemaker.delete_endpoint_config(EndpointConfigName=config)
-        deleted["endpoint_configs"].append(config)
     for model in resources["models"]:
         sagemaker.delete_model(ModelName=model)
-        deleted["models"].append(model)
-    print(f"undeploy: deleted {len(deleted['endpoint_configs'])} endpoint configs and {len(deleted['models'])} "
+    print(f"undeploy: deleted {len(resources['endpoint_configs'])} endpoint configs and {len(resources['models'])} "
           "models of this project (the ECR images stay: they cost storage only)")
-    return deleted
 
 
 def invoker(runtime, endpoint: str) -> Callable[[str], dict[str, Any]]:
@@ -346,9 +333,7 @@ def clients(region: str) -> tuple[Any, Any, Any]:
 def main(argv: list[str] | None = None) -> int:
     from detkit.predict import client_arguments, run_client
 
-    parser = argparse.ArgumentParser(prog="python -m detkit.deploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser("detkit.deploy", __doc__)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. deploy.instance_type=ml.c5.large (repeatable)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -363,12 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.params, overrides=args.set)
         settings = Settings(cfg.deploy, cfg.export.model_name, getattr(args, "context", None),
                             getattr(args, "metrics", None))
+        docker = DockerEngine()
+        if args.command == "deploy" and not docker.available():  # before any AWS client is made
+            raise DeployError("no Docker engine here: `make deploy` builds and pushes the serving image with "
+                              "docker; run it where `docker info` works")
         sagemaker, ecr, runtime = clients(cfg.deploy.region)
         if args.command == "deploy":
-            docker = DockerEngine()
-            if not docker.available():
-                raise DeployError("no Docker engine here: `make deploy` builds and pushes the serving image with "
-                                  "docker; run it where `docker info` works")
             deploy(settings, sagemaker, ecr, docker, EndpointSwitch(sagemaker, cfg.deploy.wait_minutes))
         elif args.command == "status":
             status(settings, sagemaker)

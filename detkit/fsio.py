@@ -1,5 +1,6 @@
 """Atomic outputs: a crash or an error never leaves a half-written file or folder behind
-that DVC or a later run would take as complete, and never destroys the last good one."""
+that DVC or a later run would take as complete, and never destroys the last good one. Also
+the layout of an export in TF Serving's form, which several stages and clients read."""
 
 from __future__ import annotations
 
@@ -64,9 +65,20 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+# Files that travel with each export version (TF Serving copies assets.extra, never loads it).
+EXPORT_LABEL_MAP = Path("assets.extra") / "label_map.pbtxt"
+EXPORT_CHECK = Path("assets.extra") / "export_check.json"
+
+
 def versions(model_dir: Path) -> list[int]:
     """The version folders (1, 2, ...) of a model in TF Serving's layout, ascending; [] if none."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
     return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def newest_version(model_dir: Path) -> Path | None:
+    """The newest version folder of a model in TF Serving's layout (the one it serves), or None."""
+    found = versions(model_dir)
+    return Path(model_dir) / str(found[-1]) if found else None

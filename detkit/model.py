@@ -366,12 +366,15 @@ def make_decoder(detector, detection: Any = None, **overrides) -> DetectionDecod
     )
 
 
-def detect(detector, images, decoder=None):
-    """Detections (TF OD API dict, see the module doc) for resized images [B, S, S, 3] in [0, 255]."""
+def detect(detector, images, decoder=None, anchors=None):
+    """Detections (TF OD API dict, see the module doc) for resized images [B, S, S, 3] in [0, 255].
+
+    ``anchors``: ``anchors_for(detector, size)``, computed here unless the caller keeps them.
+    """
     decoder = decoder or make_decoder(detector)
-    size = input_size(detector)
+    anchors = anchors_for(detector, input_size(detector)) if anchors is None else anchors
     outputs = detector(preprocess(detector, images), training=False)
-    return decoder(outputs["bbox_regression"], outputs["cls_logits"], anchors_for(detector, size))
+    return decoder(outputs["bbox_regression"], outputs["cls_logits"], anchors)
 
 
 # ---------------------------------------------------------------------------- saving

@@ -24,11 +24,10 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from detkit.draw import PREDICTED, detection_labels, draw_boxes
-from detkit.fsio import atomic_write_bytes, versions
+from detkit.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, newest_version
 from detkit.labelmap import LabelMapError, read_label_map
 
 DEFAULT_URL = "http://127.0.0.1:8080/invocations"
-LABEL_MAP = Path("assets.extra") / "label_map.pbtxt"  # in each export version (stages/export.py)
 
 
 class PredictError(RuntimeError):
@@ -78,13 +77,13 @@ def top_detections(prediction: dict[str, Any], label_map: dict[int, str], top: i
 
 def label_map_of(export: Path) -> dict[int, str]:
     """The label map of the newest version under an export folder (``<base>/<model_name>``)."""
-    found = versions(export)
-    if not found:
+    version = newest_version(export)
+    if version is None:
         raise PredictError(f"{export}: no exported version (run the export stage, or pass --label-map)")
-    return read_label_map(Path(export) / str(found[-1]) / LABEL_MAP)
+    return read_label_map(version / EXPORT_LABEL_MAP)
 
 
-def report(image_path: Path, prediction: dict[str, Any], label_map: dict[int, str], out: Path,
+def report(image_path: Path, image_bytes: bytes, prediction: dict[str, Any], label_map: dict[int, str], out: Path,
            top: int, min_score: float) -> list[dict[str, Any]]:
     """Print the top detections and write the image with them drawn to ``out``."""
     found = top_detections(prediction, label_map, top, min_score)
@@ -94,7 +93,7 @@ def report(image_path: Path, prediction: dict[str, Any], label_map: dict[int, st
         ymin, xmin, ymax, xmax = d["box"]
         print(f"  {d['class']:<28} {d['score']:.3f}  box (ymin, xmin, ymax, xmax) "
               f"{ymin:.3f} {xmin:.3f} {ymax:.3f} {xmax:.3f}")
-    image = Image.open(image_path).convert("RGB")
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
     draw_boxes(image, [d["box"] for d in found],
                detection_labels([d["id"] for d in found], [d["score"] for d in found], label_map), PREDICTED)
     buffer = io.BytesIO()
@@ -123,7 +122,7 @@ def run_client(args: argparse.Namespace, send: Callable[[str], dict[str, Any]]) 
             if args.export else {}
         answer = send(request_body([data]))
         out = args.out or args.image.with_name(f"{args.image.stem}_detections.png")
-        report(args.image, answer["predictions"][0], label_map, out, args.top, args.min_score)
+        report(args.image, data, answer["predictions"][0], label_map, out, args.top, args.min_score)
     except (UnidentifiedImageError, SyntaxError):  # before OSError: Pillow's "not an image" is one
         print(f"error: {args.image}: not an image file", file=sys.stderr)
         return 2

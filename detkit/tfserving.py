@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from flask import Flask, Response, request
 
-from detkit.fsio import versions
+from detkit.fsio import newest_version
 
 log = logging.getLogger("tfserving")
 
@@ -60,6 +60,20 @@ class RequestError(Exception):
         self.message = message
 
 
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """A loaded signature and what every request to it needs, worked out once at load."""
+
+    function: Any
+    specs: dict[str, Any]  # input name -> tf.TensorSpec
+    batchable: bool  # every input has a free batch dimension, so requests may share a call
+
+    @classmethod
+    def of(cls, function: Any) -> Signature:
+        specs = function.structured_input_signature[1]
+        return cls(function, specs, all(spec.shape.rank and spec.shape[0] is None for spec in specs.values()))
+
+
 class ServedModel:
     """The newest version under ``base_path``, loaded in the background (status LOADING
     until then, as TF Serving reports while a version loads)."""
@@ -71,7 +85,7 @@ class ServedModel:
         self.version: int | None = None
         self.state = "START"
         self.error = ""
-        self.signatures: dict[str, Any] = {}
+        self.signatures: dict[str, Signature] = {}
         self.signature_defs: dict[str, Any] = {}
         self.saved_model: Any = None  # holds the variables that the signatures use
 
@@ -83,13 +97,12 @@ class ServedModel:
         return thread
 
     def _load(self) -> None:
-        found = versions(self.base_path)
-        if not found:
+        path = newest_version(self.base_path)
+        if path is None:
             self.state, self.error = "END", f"no version folders (1, 2, ...) under {self.base_path}"
             log.error("model %s: %s", self.name, self.error)
             return
-        self.version, self.state = found[-1], "LOADING"
-        path = self.base_path / str(self.version)
+        self.version, self.state = int(path.name), "LOADING"
         try:
             import tensorflow as tf
             from google.protobuf import json_format
@@ -102,7 +115,7 @@ class ServedModel:
             log.exception("model %s version %s failed to load", self.name, self.version)
             return
         self.saved_model = loaded
-        self.signatures = dict(loaded.signatures)
+        self.signatures = {name: Signature.of(function) for name, function in loaded.signatures.items()}
         self.signature_defs = {k: json_format.MessageToDict(v) for k, v in proto.meta_graphs[0].signature_def.items()}
         self.state = "AVAILABLE"
         log.info("model %s version %s AVAILABLE (signatures: %s)", self.name, self.version, ", ".join(self.signatures))
@@ -144,8 +157,8 @@ class ServedModel:
         name = payload.get("signature_name", "serving_default")
         if name not in self.signatures:
             raise RequestError(400, f'Serving signature name: "{name}" not found in signature def')
-        function = self.signatures[name]
-        specs = function.structured_input_signature[1]
+        signature = self.signatures[name]
+        specs = signature.specs
         if "instances" in payload and "inputs" in payload:
             raise RequestError(400, "Both 'instances' and 'inputs' keys are present: use one of them")
         if "instances" in payload:
@@ -155,17 +168,17 @@ class ServedModel:
         else:
             raise RequestError(400, "Missing 'inputs' or 'instances' key")
         arrays = {k: _array(k, v, specs[k]) for k, v in columns.items()}
-        if self.batching and all(spec.shape.rank and spec.shape[0] is None for spec in specs.values()):
+        if self.batching and signature.batchable:
             # Requests batch together only where every input but the batch dimension agrees.
             key = (name, *((k, v.shape[1:], v.dtype.str) for k, v in sorted(arrays.items())))
-            outputs = self.batching.run(key, lambda batch: _call(function, batch), arrays)
+            outputs = self.batching.run(key, lambda batch: _call(signature.function, batch), arrays)
         else:
-            outputs = _call(function, arrays)
+            outputs = _call(signature.function, arrays)
+        lists = {k: v.tolist() for k, v in outputs.items()}
         if "instances" in payload:
-            batch = len(next(iter(columns.values())))
-            rows = [{k: v[i].tolist() for k, v in outputs.items()} for i in range(batch)]
+            rows = [{k: v[i] for k, v in lists.items()} for i in range(len(payload["instances"]))]
             return {"predictions": [next(iter(r.values())) if len(r) == 1 else r for r in rows]}
-        return {"outputs": {k: v.tolist() for k, v in outputs.items()}}
+        return {"outputs": lists}
 
 
 def _rows_to_columns(instances: Any, specs: dict[str, Any]) -> dict[str, list]:
@@ -301,7 +314,7 @@ class BatchScheduler:
 
     def __init__(self, parameters: BatchingParameters):
         self.parameters = parameters
-        self.batch_sizes: collections.Counter[int] = collections.Counter()  # examples per batch run
+        self.batch_sizes: collections.Counter[int] = collections.Counter()  # batches run, by requests in each
         self._queue: collections.deque[_Task] = collections.deque()
         self._queued = 0  # examples waiting
         self._changed = threading.Condition()
@@ -372,7 +385,8 @@ class BatchScheduler:
             batch[0].error = exc
             batch[0].done.set()
             return
-        self.batch_sizes[len(batch)] += 1
+        with self._changed:
+            self.batch_sizes[len(batch)] += 1
         start = 0
         for task in batch:
             task.outputs = {k: v[start:start + task.size] for k, v in outputs.items()}

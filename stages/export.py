@@ -35,14 +35,9 @@ from omegaconf import DictConfig
 
 from detkit.cli import run_stage, stage_parser
 from detkit.config import ConfigError
-from detkit.fsio import atomic_dir, versions
+from detkit.fsio import EXPORT_CHECK, EXPORT_LABEL_MAP, atomic_dir, versions
 from detkit.model import ModelError
 from stages.train import FINAL
-
-EXTRA_DIR = "assets.extra"  # TF Serving's place for files that travel with a version, unloaded
-CHECK_FILE = "export_check.json"
-LABEL_MAP = "label_map.pbtxt"
-OUTPUT_KEYS = ("detection_boxes", "detection_classes", "detection_scores", "num_detections")
 
 
 class ExportError(RuntimeError):
@@ -93,8 +88,8 @@ def next_version(model_dir: Path, requested: int | None) -> int:
     return requested
 
 
-def serving_functions(detector, decoder, extra_signatures: list[str]) -> dict[str, tuple[Any, list]]:
-    """The SavedModel's signatures: name -> (function, input signature)."""
+def serving_functions(detector, decoder, signatures: list[str]) -> dict[str, tuple[Any, list]]:
+    """The SavedModel's signatures (``signatures`` of the ones below): name -> (function, input signature)."""
     import tensorflow as tf
 
     from detkit import data, model
@@ -104,8 +99,7 @@ def serving_functions(detector, decoder, extra_signatures: list[str]) -> dict[st
     resized = tf.TensorSpec([size, size, 3], tf.float32)
 
     def detect(images):
-        outputs = detector(model.preprocess(detector, images), training=False)
-        return decoder(outputs["bbox_regression"], outputs["cls_logits"], anchors)
+        return model.detect(detector, images, decoder, anchors)
 
     def from_encoded(encoded):
         # One image at a time: the batch may mix sizes and formats.
@@ -118,7 +112,7 @@ def serving_functions(detector, decoder, extra_signatures: list[str]) -> dict[st
         return detect(data.resize_image(inputs, size))
 
     def tf_example(inputs):
-        features = tf.io.parse_example(inputs, {"image/encoded": tf.io.FixedLenFeature([], tf.string)})
+        features = tf.io.parse_example(inputs, data.ENCODED)
         return from_encoded(features["image/encoded"])
 
     strings = [tf.TensorSpec([None], tf.string, name="inputs")]
@@ -127,15 +121,15 @@ def serving_functions(detector, decoder, extra_signatures: list[str]) -> dict[st
         "image_tensor": (image_tensor, [tf.TensorSpec([1, None, None, 3], tf.uint8, name="inputs")]),
         "tf_example": (tf_example, strings),
     }
-    return {name: functions[name] for name in ["serving_default", *extra_signatures]}
+    return {name: functions[name] for name in signatures}
 
 
-def write_savedmodel(detector, decoder, path: Path, extra_signatures: list[str]) -> None:
+def write_savedmodel(detector, decoder, path: Path, signatures: list[str]) -> None:
     import keras
 
     archive = keras.export.ExportArchive()
     archive.track(detector)
-    for name, (function, signature) in serving_functions(detector, decoder, extra_signatures).items():
+    for name, (function, signature) in serving_functions(detector, decoder, signatures).items():
         archive.add_endpoint(name, function, input_signature=signature)
     archive.write_out(str(path), verbose=False)
 
@@ -185,29 +179,30 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     """Export ``inputs['checkpoints']/final`` to ``outputs['export']/<model_name>/<version>``."""
     from detkit import model
 
+    e = cfg.export
+    model_dir = Path(outputs["export"]) / e.model_name
+    # The cheap checks that can refuse first, then the model load.
+    version = next_version(model_dir, e.version)
+    encoded = val_images(Path(inputs["records"]), e.check_images)
     trained = Path(inputs["checkpoints"]) / FINAL
     detector, info = model.load_trained(trained)
-    e = cfg.export
     decoder = model.make_decoder(detector, info.get("detection"), max_detections=e.max_detections)
-    model_dir = Path(outputs["export"]) / e.model_name
-    version = next_version(model_dir, e.version)
     signatures = ["serving_default", *e.extra_signatures]
-    encoded = val_images(Path(inputs["records"]), e.check_images)
     final = model_dir / str(version)
     with atomic_dir(final) as tmp:
-        write_savedmodel(detector, decoder, tmp, list(e.extra_signatures))
+        write_savedmodel(detector, decoder, tmp, signatures)
         check = check_export(tmp, detector, decoder, encoded, e.check_tolerance, e.max_detections, signatures)
         check.update(version=version, model_name=e.model_name, step=info.get("step"))
-        (tmp / EXTRA_DIR).mkdir()
-        shutil.copyfile(trained / LABEL_MAP, tmp / EXTRA_DIR / LABEL_MAP)
-        (tmp / EXTRA_DIR / CHECK_FILE).write_text(json.dumps(check, indent=2) + "\n")
+        (tmp / EXPORT_CHECK).parent.mkdir()
+        shutil.copyfile(trained / model.LABEL_MAP_FILE, tmp / EXPORT_LABEL_MAP)
+        (tmp / EXPORT_CHECK).write_text(json.dumps(check, indent=2) + "\n")
     diff = max(check["max_abs_difference"].values())
     print(f"export: wrote {final} (signatures: {', '.join(signatures)}); export check "
           f"{'passed' if check['passed'] else 'FAILED'}: {check['images']} val images, largest box/score "
           f"difference {diff:.2g} (tolerance {e.check_tolerance:g}), signatures as DESIGN 4.3: "
           f"{all(s['matches_design'] for s in check['signatures'].values())}")
     if not check["passed"]:
-        raise ExportError(f"{final / EXTRA_DIR / CHECK_FILE}: the export check failed; the version is kept for "
+        raise ExportError(f"{final / EXPORT_CHECK}: the export check failed; the version is kept for "
                           "inspection and make deploy refuses it")
     return {"path": str(final), "version": version, "check": check}
 

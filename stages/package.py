@@ -30,8 +30,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from detkit import fsio
 from detkit.cli import run_stage, stage_parser
-from detkit.fsio import atomic_dir, atomic_write_bytes, versions
+from detkit.fsio import atomic_dir, atomic_write_bytes
 
 # What the Dockerfile copies from the context besides the model: package fails without them.
 SERVING_FILES = ("Dockerfile", "nginx.conf.template", "render-nginx-conf.sh", "entrypoint.sh")
@@ -44,10 +45,9 @@ class PackageError(ValueError):
 
 
 def newest_version(model_dir: Path) -> Path:
-    found = versions(model_dir)
-    if not found:
+    version = fsio.newest_version(model_dir)
+    if version is None:
         raise PackageError(f"{model_dir}: no exported version; run the export stage first")
-    version = model_dir / str(found[-1])
     if not (version / "saved_model.pb").is_file():
         raise PackageError(f"{version}: no saved_model.pb: not a complete export")
     return version
@@ -78,7 +78,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     missing = [name for name in SERVING_FILES if not (serving / name).is_file()]
     if missing:
         raise PackageError(f"{serving}: missing {', '.join(missing)} (the Dockerfile needs them)")
-    check_file = version / "assets.extra" / "export_check.json"
+    check_file = version / fsio.EXPORT_CHECK
     check = json.loads(check_file.read_text()) if check_file.is_file() else {"passed": False}
     archive = model_archive(version, model_name)
     manifest = {

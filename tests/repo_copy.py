@@ -42,3 +42,8 @@ def run(cmd: list[str], root: Path, check: bool = True) -> subprocess.CompletedP
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def make(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """``make -s <args>`` in ``repo`` with this interpreter's venv, output captured."""
+    return subprocess.run(["make", "-s", *args, f"VENV={sys.prefix}"], cwd=repo, capture_output=True, text=True)

@@ -95,13 +95,16 @@ class ServingStack:
                     os.kill(pid, signal.SIGKILL)
         while any(alive(pid) for pid in children) and time.monotonic() - started < timeout_s:
             time.sleep(0.05)
-        self.children = children
         self.log.close()
         return time.monotonic() - started
 
     def __enter__(self) -> ServingStack:
         self.start()
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()  # a stack that never came up must not outlive its test
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,10 +6,7 @@ module's one seam (``MotoEndpointSwitch``)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import requests
@@ -17,7 +14,9 @@ from moto.server import ThreadedMotoServer
 
 from detkit import deploy
 from detkit.config import load_config
+from detkit.labelmap import read_label_map
 from detkit.predict import request_body
+from tests.repo_copy import make
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +89,7 @@ def moto_url():
 @pytest.fixture
 def aws(moto_url):
     requests.post(f"{moto_url}/moto-api/reset", timeout=10)
-    sagemaker, ecr, runtime = deploy.clients(REGION)
-    return sagemaker, ecr, runtime
+    return deploy.clients(REGION)
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +179,6 @@ def test_deploy_without_a_role_says_how_to_set_it(aws, packaged, monkeypatch):
         deploy.deploy(settings_for(packaged), sagemaker, ecr, RecordingDocker(), MotoEndpointSwitch(sagemaker))
 
 
-def make(repo, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-s", *args, f"VENV={sys.prefix}"], cwd=repo, capture_output=True, text=True,
-                          env=dict(os.environ))
-
-
 def test_make_undeploy_removes_ours_and_leaves_the_rest(aws, packaged, demo_repo):
     sagemaker, ecr, _ = aws
     theirs = [{"Key": "team", "Value": "someone-else"}]
@@ -237,12 +230,7 @@ def test_make_invoke_sends_the_tutorial_body_and_reports(aws, moto_url, demo_rep
     image.write_bytes(example["encoded"])
     result = make(demo_repo, "invoke", f"IMAGE={image}")
     assert result.returncode == 0, result.stdout + result.stderr
-    label_map = load_label_map(demo_repo)
+    label_map = read_label_map(demo_repo / "data" / "records" / "label_map.pbtxt")
     assert result.stdout.splitlines()[1].split()[0] == label_map[example["labels"][0]]
     assert (tmp_path / "pet_detections.png").is_file()
 
-
-def load_label_map(repo):
-    from detkit.labelmap import read_label_map
-
-    return read_label_map(repo / "data" / "records" / "label_map.pbtxt")

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from detkit.labelmap import read_label_map
 from detkit.predict import top_detections
+from tests.repo_copy import make
 
 pytestmark = pytest.mark.slow
-
-
-def make_predict(repo, *args: str) -> subprocess.CompletedProcess:
-    venv = sys.prefix
-    return subprocess.run(["make", "-s", "predict", f"VENV={venv}", *args], cwd=repo, capture_output=True, text=True)
 
 
 def test_make_predict_names_the_pet_and_draws_it(demo_repo, served, val_examples, tmp_path):
     example = val_examples[0]
     image = tmp_path / example["filename"]
     image.write_bytes(example["encoded"])
-    result = make_predict(demo_repo, f"IMAGE={image}", f"URL={served.invocations_url}")
+    result = make(demo_repo, "predict", f"IMAGE={image}", f"URL={served.invocations_url}")
     assert result.returncode == 0, result.stdout + result.stderr
     label_map = read_label_map(demo_repo / "data" / "records" / "label_map.pbtxt")
     first = result.stdout.splitlines()[1].split()
@@ -37,7 +30,7 @@ def test_make_predict_names_the_pet_and_draws_it(demo_repo, served, val_examples
 def test_make_predict_refuses_a_file_that_is_not_an_image(demo_repo, served, tmp_path):
     fake = tmp_path / "fake.jpg"
     fake.write_bytes(b"\xff\xd8 not really a JPEG")
-    result = make_predict(demo_repo, f"IMAGE={fake}", f"URL={served.invocations_url}")
+    result = make(demo_repo, "predict", f"IMAGE={fake}", f"URL={served.invocations_url}")
     assert result.returncode != 0
     assert f"{fake}: not an image file" in result.stderr
 
@@ -45,7 +38,7 @@ def test_make_predict_refuses_a_file_that_is_not_an_image(demo_repo, served, tmp
 def test_make_predict_says_what_the_server_refused(demo_repo, served, tmp_path):
     noise = tmp_path / "noise.png"  # ~9 MB of incompressible pixels: over the 6 MB payload limit
     Image.frombytes("RGB", (2000, 1500), np.random.default_rng(0).bytes(2000 * 1500 * 3)).save(noise)
-    result = make_predict(demo_repo, f"IMAGE={noise}", f"URL={served.invocations_url}")
+    result = make(demo_repo, "predict", f"IMAGE={noise}", f"URL={served.invocations_url}")
     assert result.returncode != 0
     assert "HTTP 413: request body larger than 6 MB" in result.stderr
 
@@ -53,7 +46,7 @@ def test_make_predict_says_what_the_server_refused(demo_repo, served, tmp_path):
 def test_make_predict_without_a_server_names_the_url(demo_repo, val_examples, tmp_path):
     image = tmp_path / "pet.jpg"
     image.write_bytes(val_examples[0]["encoded"])
-    result = make_predict(demo_repo, f"IMAGE={image}", "URL=http://127.0.0.1:9/invocations")
+    result = make(demo_repo, "predict", f"IMAGE={image}", "URL=http://127.0.0.1:9/invocations")
     assert result.returncode != 0
     assert "http://127.0.0.1:9/invocations" in result.stderr
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.repo_copy import make
 from tests.serving import REPO_ROOT, ServingStack, alive, descendants
 
 pytestmark = pytest.mark.slow
@@ -45,9 +46,7 @@ def test_sigterm_stops_both_servers_within_30_s(demo_repo):
 
 
 def test_a_dying_model_server_takes_nginx_and_the_container_down(demo_repo):
-    stack = ServingStack(demo_repo / "models" / "export").start()
-    try:
-        stack.wait_ready()
+    with ServingStack(demo_repo / "models" / "export") as stack:
         model_server = descendants(stack.process.pid)[0]  # started first: TF Serving
         os.kill(model_server, signal.SIGKILL)
         stack.process.wait(timeout=30)
@@ -58,9 +57,6 @@ def test_a_dying_model_server_takes_nginx_and_the_container_down(demo_repo):
             time.sleep(0.1)
         with pytest.raises(requests.ConnectionError):
             requests.get(stack.ping_url, timeout=5)
-    finally:
-        if stack.process.poll() is None:
-            stack.stop()
 
 
 def test_dockerfile_passes_hadolint():
@@ -93,7 +89,6 @@ def test_make_docker_test_says_it_skipped_without_an_engine():
 
     if DockerEngine.available():
         pytest.skip("a Docker engine exists here: make docker-test really builds the image")
-    result = subprocess.run(["make", "-s", "docker-test", f"VENV={sys.prefix}"], cwd=REPO_ROOT,
-                            capture_output=True, text=True)
+    result = make(REPO_ROOT, "docker-test")
     assert result.returncode == 0
     assert "docker-test: SKIPPED: no Docker engine here" in result.stdout
