@@ -26,6 +26,11 @@ DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learni
 # DVC must never phone home: the build machines have no internet.
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
+# Every command a target runs, and every stage command DVC starts (`python -m stages...`), finds
+# the project's venv first on PATH, as if it were activated: no `source .venv/bin/activate` needed.
+SYSTEM_PATH := $(PATH)
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint demo repro bench clean serve predict docker-test deploy invoke status undeploy
@@ -41,7 +46,7 @@ setup: $(VENV)/.installed ## create .venv with the pinned stack, install nginx a
 	@echo "setup done: $(VENV) ready, nginx $$(nginx -v 2>&1 | cut -d/ -f2), $$(command -v envsubst)"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PYTHON_SYSTEM) -m venv $(VENV)
+	PATH="$(SYSTEM_PATH)" $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	touch $@

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from unittest import mock
 
 from benchmarks import serving_latency
 from detkit.config import load_config
-from tests.repo_copy import dvc_env, make_repo_copy
+from tests.repo_copy import make, make_repo_copy
 
 GOAL_DEMO_S = 300
 GOAL_INPUT_RATIO = 3.0
@@ -30,10 +28,10 @@ DEMO_MODEL_NAME = load_config().export.model_name
 
 
 def time_demo(root: Path) -> float:
-    venv = Path(sys.executable).parent.parent
     start = time.perf_counter()
-    subprocess.run(["make", "demo", f"VENV={venv}"], cwd=root, env=dvc_env(root), check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = make(root, "demo")
+    if result.returncode != 0:
+        raise SystemExit(f"make demo failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     return time.perf_counter() - start
 
 

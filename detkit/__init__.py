@@ -1,6 +1,5 @@
 """Shared building blocks of the pipeline stages in ``stages/``."""
 
-import os
+from detkit import tflog
 
-# TensorFlow's C++ layer prints pages of INFO lines on import; keep warnings and errors.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+tflog.install()

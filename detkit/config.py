@@ -1,13 +1,17 @@
 """Compose and validate the experiment config: ``params.yaml`` plus the ``conf/`` groups.
 
 ``params.yaml`` is what users edit and what DVC tracks. A key that names a config group
-(``dataset: sample``) is replaced by the body of ``conf/<group>/<name>.yaml``. The result
-is checked once, before any work, against the dataclass schema below: unknown keys fail
-with the closest valid key, missing ``???`` values fail by name, and types are coerced
-or refused by OmegaConf.
+(``dataset: sample``) is replaced by the body of ``conf/<group>/<name>.yaml``. Hydra's
+compose API does the composition, with ``params.yaml`` as the primary config and its group
+keys as the defaults list, so overrides in Hydra's grammar work the same on every stage's
+command line (``python -m stages.train train.steps=10 model=retinanet_tiny``). The result is
+checked once, before any work, against the dataclass schema below: unknown keys fail with
+the closest valid key, missing ``???`` values fail by name, and types are coerced or
+refused by OmegaConf.
 
 DVC's own Hydra mode stays off on purpose (it rewrites ``params.yaml`` on ``dvc exp
-run``), so composition happens here with OmegaConf rather than ``@hydra.main``.
+run``, losing hand edits), and ``@hydra.main`` is not used (it owns the working directory
+and logging): the stages call ``compose`` themselves.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 GROUPS = ("dataset", "model", "deploy")
+PRIMARY = "detkit_params"  # params.yaml's name in Hydra's config store
 
 
 class ConfigError(ValueError):
@@ -251,29 +256,17 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
-def _load_group(conf_dir: Path, group: str, name: Any) -> DictConfig:
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"params.yaml: '{group}' must name a file in {conf_dir / group}/")
-    options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-    path = conf_dir / group / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(
-            f"params.yaml: {group}={name}: no such config file {path}{closest(name, options)}; "
-            f"choose one of: {', '.join(options)}"
-        )
-    body = _load_yaml(path)
-    body.name = name
-    return body
-
-
 def load_config(
     params: str | Path = "params.yaml",
     conf_dir: str | Path = "conf",
     overrides: list[str] | None = None,
 ) -> DictConfig:
-    """Compose params.yaml with its config groups, apply ``a.b=c`` overrides, validate.
+    """Compose params.yaml with its config groups, apply Hydra overrides, validate.
 
-    Relative paths are taken from the repository root, so stages work from any cwd.
+    ``overrides`` use Hydra's grammar: ``group=name`` switches a group file
+    (``model=retinanet_tiny``), ``a.b=c`` sets a key (``train.steps=10``,
+    ``model.image_size=256``), ``+a.b=c`` adds one. Relative paths are taken from the
+    repository root, so stages work from any cwd.
     """
     root = repo_root()
     params_path = root / params
@@ -281,25 +274,25 @@ def load_config(
     if not params_path.is_file():
         raise ConfigError(f"{params_path}: params file not found")
     user = _load_yaml(params_path)
-    # Group picks (dataset=sample) first, so that dataset.x=y then edits the picked body.
-    overrides = overrides or []
-    picks = [o for o in overrides if o.split("=", 1)[0] in GROUPS]
-    edits = [o for o in overrides if o not in picks]
-    user = OmegaConf.merge(user, OmegaConf.from_dotlist(picks))
+    _check_keys(user, OmegaConf.structured(Config), str(params_path), "")
+    composed = _compose(user, params_path, conf_path, list(overrides or []))
+    choices = composed.hydra.runtime.choices
+    OmegaConf.set_struct(composed, False)
+    del composed["hydra"]
     schema = OmegaConf.structured(Config)
     for group in GROUPS:
-        if group in user:
-            body = _load_group(conf_path, group, user[group])
-            _check_keys(body, schema[group], str(conf_path / group / f"{user[group]}.yaml"), "")
-            user[group] = body
-    user = OmegaConf.merge(user, OmegaConf.from_dotlist(edits))
-    _check_keys(user, schema, str(params_path), "")
+        if group in composed:
+            path = conf_path / group / f"{choices[group]}.yaml"
+            _check_keys(_load_yaml(path), schema[group], str(path), "")
+            composed[group].name = choices[group]
+    # Keys added with + by an override, which no file holds.
+    _check_keys(composed, schema, "override", "")
     try:
-        cfg = OmegaConf.merge(schema, user)
+        cfg = OmegaConf.merge(schema, composed)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{params_path}: {exc}") from exc
     # A ??? in the user's files does not override a schema default when merged: check both.
-    missing = sorted(OmegaConf.missing_keys(user) | OmegaConf.missing_keys(cfg))
+    missing = sorted(OmegaConf.missing_keys(composed) | OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(
             f"required config values are not set (marked ???): {', '.join(missing)}; "
@@ -307,6 +300,64 @@ def load_config(
         )
     _validate_values(cfg)
     return cfg
+
+
+def _compose(user: DictConfig, params_path: Path, conf_path: Path, overrides: list[str]) -> DictConfig:
+    """Hydra's compose API over params.yaml as the primary config, its group keys as the defaults list."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+    from omegaconf.errors import ConfigKeyError
+
+    defaults = []
+    for group in GROUPS:
+        if group in user:
+            name = user.pop(group)
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{params_path}: '{group}' must name a file in {conf_path / group}/")
+            defaults.append({group: name})
+    primary = OmegaConf.merge({"defaults": [*defaults, "_self_"]}, user)
+    ConfigStore.instance().store(name=PRIMARY, node=primary)
+    with initialize_config_dir(config_dir=str(conf_path), version_base=None):
+        try:
+            return compose(config_name=PRIMARY, overrides=overrides, return_hydra_config=True)
+        except (HydraException, ConfigKeyError) as exc:
+            raise ConfigError(_explain(exc, primary, conf_path, overrides)) from None
+
+
+def _explain(exc: Exception, primary: DictConfig, conf_path: Path, overrides: list[str]) -> str:
+    """Hydra's complaint, phrased with the file or key at fault and the closest valid choice."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as parse_error:
+        return f"override: {parse_error}"
+    picks = {g: next(iter(d.values())) for d in primary.defaults if isinstance(d, DictConfig) for g in d}
+    for override in parsed:
+        if override.key_or_group in GROUPS:
+            picks[override.key_or_group] = override.value()
+    for group, name in picks.items():
+        options = sorted(p.stem for p in (conf_path / group).glob("*.yaml"))
+        if name not in options:
+            return (f"{group}={name}: no such config file {conf_path / group / f'{name}.yaml'}"
+                    f"{closest(str(name), options)}; choose one of: {', '.join(options)}")
+    # Otherwise a key that exists nowhere: name the first missing part and its closest sibling.
+    known = OmegaConf.structured(Config)
+    for override in parsed:
+        if override.key_or_group in GROUPS or override.is_add():
+            continue
+        node, done = known, []
+        for part in override.key_or_group.split("."):
+            if not isinstance(node, DictConfig) or OmegaConf.get_type(node) is dict:
+                break
+            if part not in node:
+                choices = [str(k) for k in node.keys()]
+                return (f"override '{override.input_line}': unknown key '{'.'.join([*done, part])}'"
+                        f"{closest(part, choices)}")
+            node, done = node._get_node(part), [*done, part]
+    return f"{exc}"
 
 
 def _validate_values(cfg: DictConfig) -> None:

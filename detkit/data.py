@@ -1,4 +1,4 @@
-"""tf.data input pipelines from the TF OD API TFRecords (``detkit.records``, DESIGN 4.2).
+"""tf.data input pipelines from the TF OD API TFRecords (``detkit.records``, docs/tfrecords.md).
 
 Resizing: every image is stretched to ``size`` x ``size`` (aspect ratio not kept, no
 padding; ``resize_image``). Normalised box coordinates are therefore unchanged by the

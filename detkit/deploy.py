@@ -333,7 +333,7 @@ def clients(region: str) -> tuple[Any, Any, Any]:
 def main(argv: list[str] | None = None) -> int:
     from detkit.predict import client_arguments, run_client
 
-    parser = stage_parser("detkit.deploy", __doc__)
+    parser = stage_parser("detkit.deploy", __doc__, overrides=False)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. deploy.instance_type=ml.c5.large (repeatable)")
     commands = parser.add_subparsers(dest="command", required=True)

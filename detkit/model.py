@@ -123,6 +123,36 @@ def make_label_encoder(anchor_generator, matching) -> Any:
     )
 
 
+HEAD_INIT_STDDEV = 0.01  # the RetinaNet paper's head init; KerasHub's heads default to random_normal, std 0.05
+
+
+def init_head_kernels(layers) -> None:
+    """Gaussian kernels, std ``HEAD_INIT_STDDEV``, for new head convs (seeded by keras.utils.set_random_seed).
+
+    With KerasHub's std 0.05 the class logits of a new head start far from the focal-loss
+    prior, and the first steps' class loss is in the tens of thousands instead of about 1.
+    """
+    init = keras.initializers.RandomNormal(stddev=HEAD_INIT_STDDEV)
+    for layer in layers:
+        layer.kernel.assign(init(layer.kernel.shape, dtype=layer.kernel.dtype))
+
+
+def freeze_unused_fpn_norms(backbone) -> list[str]:
+    """Mark the FPN's never-used output batch norms non-trainable; return their names.
+
+    KerasHub's FeaturePyramid builds an output norm for every level but applies it only to
+    the levels it adds above the image encoder's last one, so the others get no gradient
+    (and the optimizer warns about it every run). Their weights stay in the files, so a
+    saved model still loads with plain KerasHub.
+    """
+    fpn = backbone.feature_pyramid
+    encoder_top = min(max(int(level[1]) for level in backbone.image_encoder.pyramid_outputs), fpn.max_level)
+    unused = [layer for level, layer in getattr(fpn, "output_batch_norms", {}).items() if int(level[1:]) <= encoder_top]
+    for layer in unused:
+        layer.trainable = False
+    return [layer.name for layer in unused]
+
+
 def set_prior_bias(detector, prior_probability: float, reset_box_bias: bool = True) -> None:
     """Focal-loss prior on the class head, zero bias on the box head (KerasHub swaps them)."""
     cls = detector.classification_head.prediction_layer
@@ -192,7 +222,10 @@ def _build_retinanet(m, num_classes: int):
         pre_logits_num_conv_layers=int(m.head.num_conv_layers),
         preprocessor=preprocessor,
     )
+    heads = (detector.box_head, detector.classification_head)
+    init_head_kernels([layer for head in heads for layer in (*head.conv_layers, head.prediction_layer)])
     set_prior_bias(detector, float(m.head.prior_probability))
+    freeze_unused_fpn_norms(backbone)
     return detector
 
 
@@ -241,7 +274,9 @@ def _build_from_preset(m, num_classes: int, preset: Path):
     if base.num_classes == num_classes:
         new_head.prediction_layer.set_weights(old_head.prediction_layer.get_weights())
     else:
+        init_head_kernels([new_head.prediction_layer])
         set_prior_bias(detector, float(m.head.prior_probability), reset_box_bias=False)
+    freeze_unused_fpn_norms(backbone)
     return detector
 
 
@@ -375,6 +410,20 @@ def detect(detector, images, decoder=None, anchors=None):
     anchors = anchors_for(detector, input_size(detector)) if anchors is None else anchors
     outputs = detector(preprocess(detector, images), training=False)
     return decoder(outputs["bbox_regression"], outputs["cls_logits"], anchors)
+
+
+def detection_function(detector, decoder=None):
+    """``detect`` compiled into one graph, for batches of resized images float32 [B, S, S, 3].
+
+    Graph execution frees each layer's activations once they are consumed; an eager call of
+    the Keras model keeps them all until it returns: for ResNet-50 at 800 px about 2 GB per
+    image, so eval's batch of 16 did not fit in 24 GB (in a graph: about 1.4 GB at batch 2).
+    """
+    size = input_size(detector)
+    decoder = decoder or make_decoder(detector)
+    anchors = anchors_for(detector, size)
+    return tf.function(lambda images: detect(detector, images, decoder, anchors),
+                       input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
 
 
 # ---------------------------------------------------------------------------- saving

@@ -1,4 +1,4 @@
-"""The TF Object Detection API's tf.train.Example keys (DESIGN 4.2), written and parsed here
+"""The TF Object Detection API's tf.train.Example keys (docs/tfrecords.md), written and parsed here
 only, so records made by this project feed TF OD API tooling and vice versa.
 
 Examples are serialised and framed without TensorFlow: ``tf.train.Example``'s schema (TF's

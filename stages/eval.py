@@ -43,10 +43,9 @@ def predict_split(detector, decoder, records: Path, batch_size: int) -> tuple[li
     from detkit import data, model
 
     results, encoded = [], {}
-    size = model.input_size(detector)
-    anchors = model.anchors_for(detector, size)
-    for batch in data.eval_dataset(records, size, batch_size, with_encoded=True):
-        out = {k: v.numpy() for k, v in model.detect(detector, batch["images"], decoder, anchors).items()}
+    detect = model.detection_function(detector, decoder)
+    for batch in data.eval_dataset(records, model.input_size(detector), batch_size, with_encoded=True):
+        out = {k: v.numpy() for k, v in detect(batch["images"]).items()}
         for i in range(len(batch["height"])):
             n_gt, n_det = int(batch["num_boxes"][i]), int(out["num_detections"][i])
             image_id = len(results) + 1

@@ -44,19 +44,20 @@ def sample_records(sample_raw) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_repo(tmp_path_factory) -> Path:
-    """A fresh copy of the repo after `make demo`: the whole pipeline on the sample, as users run it."""
-    import subprocess
-    import sys
-
-    from tests.repo_copy import dvc_env, make_repo_copy
+def demo_run(tmp_path_factory):
+    """`make demo` in a fresh copy of the repo, from a user's shell (no venv on PATH): the whole
+    pipeline on the sample, as users run it. Returns the copy and the finished command."""
+    from tests.repo_copy import make, make_repo_copy
 
     root = make_repo_copy(tmp_path_factory.mktemp("demo"))
-    venv = Path(sys.executable).parent.parent
-    result = subprocess.run(["make", "demo", f"VENV={venv}"], cwd=root, env=dvc_env(root),
-                            capture_output=True, text=True)
+    result = make(root, "demo")
     assert result.returncode == 0, f"make demo failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return root
+    return root, result
+
+
+@pytest.fixture(scope="session")
+def demo_repo(demo_run) -> Path:
+    return demo_run[0]
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,12 @@
-"""A throwaway copy of this repository (its git-visible files) as its own git + DVC repo,
-for tests that run ``dvc repro`` / ``dvc exp run`` end to end without touching ours."""
+"""Running commands as a user does, and throwaway copies of this repository (its git-visible
+files) as their own git + DVC repos, for tests that run ``make`` / ``dvc`` end to end.
+
+A user's shell has no venv activated: ``user_env()`` is that shell (this process's
+environment with the venv taken off PATH), so ``make`` targets must find the venv themselves,
+as the Makefile does. For commands the README says to run in an activated venv (``dvc``,
+``mlflow``, ``python -m stages...``), ``activated_env()`` adds what ``source .venv/bin/activate``
+adds, and nothing else.
+"""
 
 from __future__ import annotations
 
@@ -10,40 +17,54 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.prefix)  # the venv this test run uses; `make` gets it as VENV=...
 
 
-def dvc_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="t@example.com",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="t@example.com")
-    env.pop("DVC_ROOT", None)
-    # Stage commands say `python`: make it this interpreter, as `make` does with .venv.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+def user_env(**extra: str) -> dict[str, str]:
+    """A new user's shell: no venv on PATH, nothing activated, DVC offline, a git identity."""
+    venv_bin = (VENV / "bin").resolve()
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != venv_bin]
+    env = dict(os.environ, PATH=os.pathsep.join(path), DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="t@example.com", **extra)
+    for name in ("VIRTUAL_ENV", "DVC_ROOT", "PYTHONHOME"):
+        env.pop(name, None)
     return env
 
 
+def activated_env(**extra: str) -> dict[str, str]:
+    """``user_env()`` after ``source .venv/bin/activate``."""
+    env = user_env(**extra)
+    env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env['PATH']}"
+    env["VIRTUAL_ENV"] = str(VENV)
+    return env
+
+
+def git_files(root: Path = REPO_ROOT) -> list[str]:
+    """The files git would commit: tracked, plus untracked ones it does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=root, check=True, capture_output=True).stdout.decode().split("\0")
+    return [rel for rel in listed if rel and (root / rel).is_file()]
+
+
 def make_repo_copy(dest: Path) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO_ROOT, check=True, capture_output=True,
-    ).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = REPO_ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    env = dvc_env(dest)
+    for rel in git_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / rel, dest / rel)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, env=env)
+        subprocess.run(cmd, cwd=dest, check=True, env=user_env())
     return dest
 
 
 def run(cmd: list[str], root: Path, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=root, env=dvc_env(root), capture_output=True, text=True)
+    """``cmd`` in ``root`` from a shell with the venv activated, output captured."""
+    result = subprocess.run(cmd, cwd=root, env=activated_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
 
 
-def make(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    """``make -s <args>`` in ``repo`` with this interpreter's venv, output captured."""
-    return subprocess.run(["make", "-s", *args, f"VENV={sys.prefix}"], cwd=repo, capture_output=True, text=True)
+def make(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``make -s <args>`` in ``repo`` from a user's shell (no venv on PATH), output captured."""
+    return subprocess.run(["make", "-s", *args, f"VENV={VENV}"], cwd=repo, env=env or user_env(),
+                          capture_output=True, text=True)

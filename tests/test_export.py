@@ -1,4 +1,4 @@
-"""The export stage on the model that `make demo` trained: TF Serving layout, the DESIGN 4.3
+"""The export stage on the model that `make demo` trained: TF Serving layout, the docs/export.md
 signature (as saved_model_cli shows it), the export check, versions, extra signatures."""
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def test_layout_is_tf_servings_with_label_map_and_passed_check(demo_repo, versio
         read_label_map(demo_repo / "data" / "records" / "label_map.pbtxt")
     check = json.loads((version_1 / "assets.extra" / "export_check.json").read_text())
     assert check["passed"] and check["images"] == 16 and check["version"] == 1
+    assert check["matched"] > 0 and check["mismatched"] == 0
     assert max(check["max_abs_difference"].values()) <= check["tolerance"] == 1e-3
 
 
@@ -123,4 +124,57 @@ def test_check_fails_when_the_export_differs_from_the_model(demo_repo, version_1
     check = export.check_export(version_1, detector, stricter, [e["encoded"] for e in val_examples[:4]],
                                 tolerance=1e-4, max_detections=100, signatures=["serving_default"])
     assert not check["passed"]
-    assert not check["num_detections_equal"]
+    assert check["mismatched"] > 0
+
+
+def detections(rows: list[tuple[float, int, list[float]]], size: int = 5) -> dict[str, list]:
+    """One image's TF OD API outputs from (score, class, box) rows, padded to ``size`` like the export's."""
+    boxes, scores, classes = np.zeros((size, 4), "float32"), np.zeros(size, "float32"), np.zeros(size, "float32")
+    for i, (score, cls, box) in enumerate(rows):
+        boxes[i], scores[i], classes[i] = box, score, cls
+    return {"detection_boxes": [boxes], "detection_scores": [scores], "detection_classes": [classes],
+            "num_detections": [float(len(rows))]}
+
+
+A, B, C = [0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.6, 0.9], [0.0, 0.0, 0.3, 0.2]
+
+
+def test_compare_detections_does_not_depend_on_the_order_of_tied_scores():
+    expected = detections([(0.7, 3, A), (0.7, 5, B), (0.4, 3, C)])
+    swapped = detections([(0.7, 5, B), (0.7, 3, A), (0.4, 3, C)])
+    result = export.compare_detections(expected, swapped, 1e-3, score_threshold=0.05, iou_threshold=0.5)
+    assert result == {"matched": 3, "near_ties": 0, "mismatched": 0,
+                      "max_abs_difference": {"detection_boxes": 0.0, "detection_scores": 0.0}}
+
+
+def test_compare_detections_takes_a_near_tie_that_nms_broke_the_other_way_as_rounding():
+    # Two overlapping candidates of one class whose scores differ by rounding: NMS keeps either.
+    kept_a = detections([(0.6000004, 2, A), (0.3, 1, C)])
+    kept_b = detections([(0.6, 2, [0.12, 0.1, 0.52, 0.5]), (0.3, 1, C)])
+    result = export.compare_detections(kept_a, kept_b, 1e-6, score_threshold=0.05, iou_threshold=0.5)
+    assert (result["matched"], result["near_ties"], result["mismatched"]) == (1, 2, 0)
+
+
+@pytest.mark.parametrize("changed", [
+    [(0.7, 3, [0.3, 0.3, 0.7, 0.7]), (0.7, 5, B), (0.4, 3, C)],  # a box elsewhere (IoU 0.14)
+    [(0.7, 3, A), (0.7, 4, B), (0.4, 3, C)],  # another class
+    [(0.7, 3, A), (0.7, 5, B), (0.38, 3, C)],  # a score changed
+    [(0.7, 3, A), (0.7, 5, B)],  # a detection lost
+])
+def test_compare_detections_refuses_real_differences(changed):
+    expected = detections([(0.7, 3, A), (0.7, 5, B), (0.4, 3, C)])
+    result = export.compare_detections(expected, detections(changed), 1e-3, score_threshold=0.05, iou_threshold=0.5)
+    assert result["mismatched"] > 0
+
+
+def test_export_check_passes_on_a_model_whose_scores_are_all_tied(demo_repo, tmp_path, val_examples):
+    detector, info = model.load_trained(demo_repo / "models" / "checkpoints" / FINAL)
+    layer = detector.classification_head.prediction_layer
+    layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    layer.bias.assign(np.zeros(layer.bias.shape, "float32"))  # every anchor scores 0.5 for every class
+    decoder = model.make_decoder(detector, info["detection"])
+    export.write_savedmodel(detector, decoder, tmp_path / "1", ["serving_default"])
+    check = export.check_export(tmp_path / "1", detector, decoder, [e["encoded"] for e in val_examples[:4]],
+                                tolerance=1e-3, max_detections=100, signatures=["serving_default"])
+    assert check["passed"], check
+    assert check["matched"] == 4 * 100  # 100 detections per image, all with score 0.5

@@ -40,7 +40,7 @@ def test_decoder_config_mirrors_its_arguments():
 
 
 def test_tiny_model_is_the_recipe(tiny, tiny_cfg):
-    assert 2.0e6 < tiny.count_params() < 2.6e6  # DESIGN 5: about 2.4M parameters
+    assert 2.0e6 < tiny.count_params() < 2.6e6  # conf/model/retinanet_tiny.yaml: about 2.2M parameters
     assert M.input_size(tiny) == SIZE
     assert tiny.num_classes == 37
     assert tiny.anchor_generator.num_base_anchors == 3  # 3 square anchors per location

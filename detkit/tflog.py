@@ -1,0 +1,87 @@
+"""TensorFlow's C++ start-up lines, kept off the console.
+
+Importing TensorFlow and initialising its devices prints lines a user cannot act on: absl's
+"All log messages before absl::InitializeLog() is called are written to STDERR", CUDA probes
+on machines without a GPU ("Could not find cuda drivers", "failed call to cuInit"), oneDNN
+and CPU-instruction notices. ``install()`` (called when ``detkit`` is imported, so before
+any stage imports TensorFlow) wraps the first ``import tensorflow``: while TensorFlow
+imports and probes its devices, file descriptor 2 goes to a temporary file; afterwards the
+C++ log lines are dropped and everything else written meanwhile is passed on to stderr. If
+the import fails, everything is passed on. Later C++ logs keep TensorFlow's own filter,
+``TF_CPP_MIN_LOG_LEVEL``, which defaults to 1 here (warnings and errors shown, info not).
+
+``DETKIT_TF_LOGS=1`` turns all of this off: TensorFlow prints what it always prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+VARIABLE = "DETKIT_TF_LOGS"
+# absl's pre-init notice, and C++ log lines: severity letter, MMDD, time, thread, file:line].
+_CPP_LINE = re.compile(rb"^(WARNING: All log messages before absl::InitializeLog\(\)"
+                       rb"|[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\])")
+
+
+def install() -> None:
+    if os.environ.get(VARIABLE, "").lower() in ("1", "true", "yes"):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImport())
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Finds ``tensorflow`` as the path finder does, and loads it through ``_QuietLoader``."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        sys.meta_path.remove(self)  # once: submodules and later imports go the usual way
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _QuietLoader(spec.loader)
+        return spec
+
+
+class _QuietLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        with _without_cpp_lines():
+            self.loader.exec_module(module)
+            # Device probing (cuInit and friends) logs at the first device query, not at import.
+            module.config.list_physical_devices()
+
+
+@contextlib.contextmanager
+def _without_cpp_lines() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().splitlines(keepends=True)
+            kept = lines if failed else [line for line in lines if not _CPP_LINE.match(line)]
+            if kept:
+                sys.stderr.write(b"".join(kept).decode(errors="replace"))
+                sys.stderr.flush()
