@@ -23,6 +23,14 @@ DEPLOY := $(PYTHON) -m detkit.deploy $(DEPLOY_SET)
 DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learning_rate=0.002 \
 	train.warmup_steps=100 train.class_loss_weight=10 train.checkpoint_every=250
 
+# make compare: DVC's table with --only-changed. Always shown: the experiment, headline metrics, the model
+# and dataset picked. Dropped: the other metrics, dependency hashes (dvc.yaml's paths; `serving` is the one
+# without a slash) and group files' keys named by path (the group name already says which file ran).
+COMPARE_WIDTH ?= 160
+COMPARE_KEEP = ^(Experiment|Created|AP|AP50|AP75|AR100|model|dataset)$$
+COMPARE_DROP = ^(AP[sml]|AR1|AR10|AR[sml]|num_images|step|serving)$$|.*/|^(name|layout|archives|local_dir|label_map)$$
+MLFLOW_PORT ?= 5000
+
 # DVC must never phone home: the build machines have no internet.
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
@@ -33,7 +41,8 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo repro bench clean serve predict docker-test deploy invoke status undeploy
+.PHONY: help setup test lint demo repro exp compare mlflow-ui bench rehearsal clean serve predict docker-test \
+	deploy invoke status undeploy
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^## / {printf "\n%s\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,6 +77,17 @@ demo: ## the whole pipeline on the embedded sample with the tiny model, as a DVC
 repro: ## dvc repro: the real run with params.yaml as it is
 	$(DVC) repro
 
+exp: ## SET='key=value ...': one DVC experiment with those params changed (dvc exp run -S ...)
+	@test -n "$(SET)" || { echo "usage: make exp SET='train.learning_rate=0.004 model=retinanet_tiny'"; exit 2; }
+	$(DVC) exp run $(addprefix -S ,$(SET))
+
+compare: ## the workspace and its experiments side by side: AP, AP50, AP75, AR100, model, dataset, changed params
+	@COLUMNS=$(COMPARE_WIDTH) $(DVC) exp show --no-pager --only-changed --sort-by AP50 --sort-order desc \
+	  --keep '$(COMPARE_KEEP)' --drop '$(COMPARE_DROP)'
+
+mlflow-ui: ## the MLflow UI on the same runs (http://127.0.0.1:$(MLFLOW_PORT), MLFLOW_PORT=...)
+	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
 bench: ## print the speed benchmarks (figures and ratios against in-run baselines)
 	$(PYTHON) -m benchmarks.tfrecord_throughput
 	$(PYTHON) -m benchmarks.demo_pipeline
@@ -77,12 +97,12 @@ serve: ## serve the newest export on 127.0.0.1:8080 (SERVE_PORT=...): the contai
 	MODEL_NAME=$(MODEL_NAME) MODEL_BASE_PATH=$(EXPORT_DIR) NGINX_LISTEN=127.0.0.1:$(SERVE_PORT) \
 	  TFS_BIN="$(PYTHON) -m detkit.tfserving" serving/entrypoint.sh
 
-predict: ## IMAGE=<file> [URL=...]: send an image the tutorial's way, print and draw the detections
+predict: ## IMAGE=<file> [URL=...]: send an image as a TF Serving REST request (docs/export.md), print and draw the detections
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/image.jpg [URL=$(URL)]"; exit 2; }
 	$(PYTHON) -m detkit.predict "$(IMAGE)" --url "$(URL)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
 
 ## Deploy (AWS SageMaker; credentials from the usual AWS chain)
-docker-test: ## build the serving image from build/serving and send it the tutorial's request (needs Docker)
+docker-test: ## build the serving image from build/serving and send it the REST request of docs/export.md (needs Docker)
 	@if ! docker info >/dev/null 2>&1; then \
 	  echo "docker-test: SKIPPED: no Docker engine here ('docker info' failed); the image was not built"; \
 	else serving/docker-test.sh build/serving "$(MODEL_NAME)" "$(PYTHON)"; fi

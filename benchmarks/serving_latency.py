@@ -97,7 +97,7 @@ def serving_comparison(export: Path, image: bytes, seconds: float) -> None:
 
     version = newest_version(export)
     print(f"model: {version} (the export that `make serve` serves); request: one {len(image) // 1024} KB JPEG, "
-          f"the tutorial's JSON body")
+          f"the REST request body of docs/export.md")
     serve = tf.saved_model.load(str(version)).signatures["serving_default"]
     batch = tf.constant([image])
 

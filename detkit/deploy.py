@@ -1,8 +1,8 @@
-"""SageMaker deployment from Make: the last mile the tutorial did by hand in the console.
+"""SageMaker deployment from Make: the last mile that is often done by hand in the console.
 
     python -m detkit.deploy deploy     # gate, build + push to ECR, model, endpoint config, endpoint
     python -m detkit.deploy status     # the endpoint and this project's models and configs
-    python -m detkit.deploy invoke IMAGE [--out ...]   # boto3 invoke_endpoint, as the tutorial
+    python -m detkit.deploy invoke IMAGE [--out ...]   # boto3 invoke_endpoint with the REST body
     python -m detkit.deploy undeploy   # delete the endpoint, configs and models this project made
 
 Settings come from the ``deploy`` config group (``conf/deploy/sagemaker.yaml``) and the
@@ -305,7 +305,7 @@ def undeploy(settings: Settings, sagemaker) -> None:
 
 
 def invoker(runtime, endpoint: str) -> Callable[[str], dict[str, Any]]:
-    """``send`` for ``detkit.predict.run_client``: the tutorial's ``invoke_endpoint`` call."""
+    """``send`` for ``detkit.predict.run_client``: ``invoke_endpoint`` with the body of docs/export.md."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from detkit.predict import PredictError, parse_response

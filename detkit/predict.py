@@ -1,7 +1,7 @@
-"""Send an image to the served model the tutorial's way, print the top detections with class
+"""Send an image to the served model as a TF Serving REST request (docs/export.md), print the top detections with class
 names and write a copy of the image with the boxes drawn.
 
-The request is the tutorial's, unchanged: ``{"signature_name": "serving_default",
+The request is TF Serving's REST predict body (docs/export.md): ``{"signature_name": "serving_default",
 "instances": [{"inputs": {"b64": ...}}]}``, posted as JSON to TF Serving's ``:predict`` or to
 the container's ``/invocations`` (``make predict``), or sent with boto3's
 ``sagemaker-runtime invoke_endpoint`` (``make invoke``, ``detkit.deploy``).
@@ -35,7 +35,7 @@ class PredictError(RuntimeError):
 
 
 def request_body(images: list[bytes]) -> str:
-    """The tutorial's request, one instance per image."""
+    """The REST predict body, one instance per image."""
     instances = [{"inputs": {"b64": base64.b64encode(image).decode("ascii")}} for image in images]
     return json.dumps({"signature_name": "serving_default", "instances": instances})
 
@@ -114,7 +114,7 @@ def client_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_client(args: argparse.Namespace, send: Callable[[str], dict[str, Any]]) -> int:
-    """Read the image, ``send`` the tutorial's body, report. Exit status for ``main``."""
+    """Read the image, ``send`` the REST body, report. Exit status for ``main``."""
     try:
         data = args.image.read_bytes()
         Image.open(io.BytesIO(data)).verify()

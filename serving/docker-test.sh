@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the serving image and send it the tutorial's request: what SageMaker will do.
+# Build the serving image and send it the REST request of docs/export.md: what SageMaker will do.
 # Usage: docker-test.sh BUILD_CONTEXT MODEL_NAME PYTHON   (make docker-test; needs a Docker engine)
 set -euo pipefail
 
@@ -22,4 +22,4 @@ sample="$(mktemp --suffix=.jpg)"
 "$python" -c "from benchmarks.serving_latency import jpeg; import sys; open(sys.argv[1], 'wb').write(jpeg((500, 375)))" "$sample"
 "$python" -m detkit.predict "$sample" --url "http://127.0.0.1:$port/invocations" --export "$context/model/$model_name" \
   --out "${sample%.jpg}_detections.png"
-echo "docker-test: passed: the container answered /ping and the tutorial's request on /invocations"
+echo "docker-test: passed: the container answered /ping and the REST request of docs/export.md on /invocations"

@@ -220,7 +220,7 @@ def test_make_deploy_without_docker_says_so(aws, demo_repo):
     assert aws[0].list_models()["Models"] == []
 
 
-def test_make_invoke_sends_the_tutorial_body_and_reports(aws, moto_url, demo_repo, served, val_examples, tmp_path):
+def test_make_invoke_sends_the_rest_body_and_reports(aws, moto_url, demo_repo, served, val_examples, tmp_path):
     # moto's invoke_endpoint answers from a queue: fill it with the real model's answer.
     example = val_examples[0]
     answer = requests.post(served.invocations_url, data=request_body([example["encoded"]]), timeout=60).text

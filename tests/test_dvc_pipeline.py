@@ -1,17 +1,23 @@
 """dvc.yaml end to end in a throwaway copy of the repo: stages run under `dvc repro`, re-run
 exactly when their inputs change, and `dvc exp run` experiments land in `dvc exp show` and
-in MLflow with the same metrics."""
+in MLflow with the same metrics; `make compare` and `make mlflow-ui` show them."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sqlite3
+import subprocess
+import time
 
 import pytest
+import requests
 from ruamel.yaml import YAML
 
-from tests.repo_copy import make_repo_copy, run
+from tests.httpserver import free_port
+from tests.repo_copy import VENV, make, make_repo_copy, run, user_env
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +123,51 @@ def test_experiments_show_up_in_dvc_exp_show_and_mlflow(tmp_path):
         mlflow_ap50 = mlflow_metric(repo, name, "eval/AP50")
         assert mlflow_ap50 == pytest.approx(dvc_ap50, abs=1e-9), name
     assert experiments["2s-exp"]["params"]["params.yaml"]["data"]["model"] == "retinanet_tiny_2s"
+
+    compare_prints_both_with_only_the_changed_params(repo, experiments)
+    mlflow_ui_shows_the_same_numbers(repo, experiments)
+
+
+def compare_prints_both_with_only_the_changed_params(repo, experiments):
+    result = make(repo, "compare")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 160
+    header = next(line for line in lines if "Experiment" in line)
+    assert header.split() == ["Experiment", "Created", "AP", "AP50", "AP75", "AR100", "dataset", "model",
+                              "train.learning_rate"], header  # the one params.yaml key that differs
+    end = header.index(" AP50 ") + len(" AP50")  # metrics are right-aligned under their header
+    for name in ("lr-exp", "2s-exp"):
+        row = next(line for line in lines if f"[{name}]" in line)
+        ap50 = float(row[:end].split()[-1])
+        assert ap50 == pytest.approx(experiments[name]["metrics"]["metrics/eval.json"]["data"]["AP50"], abs=1e-5)
+
+
+def mlflow_ui_shows_the_same_numbers(repo, experiments):
+    port = free_port()
+    ui = subprocess.Popen(["make", "-s", "mlflow-ui", f"MLFLOW_PORT={port}", f"VENV={VENV}"], cwd=repo,
+                          env=user_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "pets"},
+                                          timeout=2).json()["experiment"]
+                break
+            except requests.RequestException:
+                assert ui.poll() is None, "make mlflow-ui exited"
+                time.sleep(1)
+        runs = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]},
+                             timeout=10).json()["runs"]
+        shown = {tag["value"]: {m["key"]: m["value"] for m in run["data"]["metrics"]}
+                 for run in runs for tag in run["data"]["tags"] if tag["key"] == "dvc_exp_name"}
+        for name in ("lr-exp", "2s-exp"):
+            dvc_ap50 = experiments[name]["metrics"]["metrics/eval.json"]["data"]["AP50"]
+            assert shown[name]["eval/AP50"] == pytest.approx(dvc_ap50, abs=1e-9), name
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
 
 
 def mlflow_metric(repo, exp_name: str, key: str) -> float:

@@ -1,4 +1,4 @@
-"""`make predict`: the tutorial's request from the command line, against the served demo model."""
+"""`make predict`: the REST request of docs/export.md from the command line, against the served demo model."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The TF Serving REST stand-in behind the container's nginx config, serving the model that
-`make demo` trained and exported: the tutorial's requests, bad requests, load."""
+`make demo` trained and exported: the REST requests of docs/export.md, bad requests, load."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ OUTPUT_SHAPES = {"detection_boxes": (100, 4), "detection_classes": (100,), "dete
                  "num_detections": ()}
 
 
-def tutorial_request(image: bytes) -> str:
-    """Built exactly as the tutorial builds it."""
+def rest_request(image: bytes) -> str:
+    """The body of docs/export.md, built as a client would."""
     encoded_input_string = base64.b64encode(image).decode("utf-8")
     return json.dumps({"signature_name": "serving_default", "instances": [{"inputs": {"b64": encoded_input_string}}]})
 
@@ -58,10 +58,10 @@ def recode(encoded: bytes, fmt: str, size: tuple[int, int]) -> bytes:
 
 
 @pytest.mark.parametrize("route", ["predict", "invocations"])
-def test_tutorial_request_finds_the_pet(served, val_examples, route):
+def test_rest_request_finds_the_pet(served, val_examples, route):
     url = f"{served.tfs_url}:predict" if route == "predict" else served.invocations_url
     example = val_examples[0]
-    response = post(url, tutorial_request(example["encoded"]))
+    response = post(url, rest_request(example["encoded"]))
     assert response.status_code == 200, response.text
     prediction = response.json()["predictions"][0]
     check_prediction(prediction)
@@ -90,7 +90,7 @@ def test_columnar_request_answers_outputs(served, val_examples):
     assert response.status_code == 200, response.text
     outputs = response.json()["outputs"]
     assert {k: np.shape(v) for k, v in outputs.items()} == {k: (1, *s) for k, s in OUTPUT_SHAPES.items()}
-    rows = post(f"{served.tfs_url}:predict", tutorial_request(val_examples[0]["encoded"])).json()["predictions"]
+    rows = post(f"{served.tfs_url}:predict", rest_request(val_examples[0]["encoded"])).json()["predictions"]
     assert outputs["detection_classes"][0] == rows[0]["detection_classes"]
 
 
@@ -130,7 +130,7 @@ def test_bad_requests_get_a_json_4xx_and_serving_goes_on(served, val_examples, c
     response = requests.request(method, url, data=body, timeout=60)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
-    good = post(served.invocations_url, tutorial_request(val_examples[0]["encoded"]))
+    good = post(served.invocations_url, rest_request(val_examples[0]["encoded"]))
     assert good.status_code == 200
 
 
@@ -156,7 +156,7 @@ def test_ping_fails_until_the_model_is_loaded(served):
 
 
 def test_eight_clients_for_thirty_seconds_see_no_error(served, val_examples):
-    body = tutorial_request(val_examples[0]["encoded"])
+    body = rest_request(val_examples[0]["encoded"])
     failures, counts = [], [0] * 8
     deadline = time.monotonic() + 30
 
@@ -188,13 +188,13 @@ def test_eight_clients_with_different_images_each_get_their_own_answer(served, v
     served.log.flush()
     assert "batching: BatchingParameters(max_batch_size=32, batch_timeout_micros=0" in Path(served.log.name).read_text()
     images = [example["encoded"] for example in val_examples[:8]]
-    alone = [post(served.invocations_url, tutorial_request(image)).json()["predictions"][0] for image in images]
+    alone = [post(served.invocations_url, rest_request(image)).json()["predictions"][0] for image in images]
     answers: dict[int, list] = {i: [] for i in range(8)}
 
     def client(i: int) -> None:
         with requests.Session() as session:
             for _ in range(10):
-                response = session.post(served.invocations_url, data=tutorial_request(images[i]),
+                response = session.post(served.invocations_url, data=rest_request(images[i]),
                                         headers={"content-type": "application/json"}, timeout=60)
                 answers[i].append(response.json()["predictions"][0])
 
