@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import subprocess
 
 import pytest
 
 from detkit.labelmap import read_label_map
-from tests.repo_copy import run
+from tests.repo_copy import activated_env, run
+
+# TensorFlow's C++ start-up lines: absl's pre-init notice and C++ log records (severity, date, time,
+# thread, file:line]), e.g. CUDA probes on CPU machines, oneDNN and CPU-instruction notices.
+TF_STARTUP = re.compile(r"absl::InitializeLog|^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]", re.MULTILINE)
 
 pytestmark = pytest.mark.slow
 
@@ -39,3 +45,26 @@ def test_demo_leaves_plots_samples_and_an_experiment(demo_repo):
     assert names, "make demo should record a DVC experiment"
     status = run(["dvc", "status"], demo_repo)
     assert "up to date" in status.stdout, status.stdout
+
+
+def test_demo_console_is_the_stages_own_lines(demo_run):
+    _, result = demo_run
+    output = result.stdout + result.stderr
+    for line in ("download: wrote", "tfrecord: wrote", "train: 1000 steps", "eval: ", "export: wrote", "demo done"):
+        assert line in output, line
+    assert not TF_STARTUP.search(output), TF_STARTUP.search(output).group(0)
+    # Warnings a user cannot act on are fixed at their cause, not hidden.
+    for noise in ("Gradients do not exist", "was passed, but will be ignored", "INFO mlflow"):
+        assert noise not in output, noise
+
+
+def test_detkit_tf_logs_brings_tensorflows_lines_back(demo_repo, tmp_path):
+    command = ["python", "-m", "stages.eval", "--records", "data/records", "--checkpoints", "models/checkpoints",
+               "--metrics", str(tmp_path / "metrics"), "--plots", str(tmp_path / "plots"), "eval.num_samples=0"]
+    quiet = subprocess.run(command, cwd=demo_repo, env=activated_env(), capture_output=True, text=True)
+    loud = subprocess.run(command, cwd=demo_repo, env=activated_env(DETKIT_TF_LOGS="1"), capture_output=True,
+                          text=True)
+    assert quiet.returncode == loud.returncode == 0, loud.stderr
+    assert not TF_STARTUP.search(quiet.stderr), quiet.stderr
+    assert TF_STARTUP.search(loud.stderr), loud.stderr
+    assert "eval: " in quiet.stdout and "eval: " in loud.stdout
