@@ -40,8 +40,9 @@ the class has to be readable from coarse colour and layout, not fine detail:
 Quirks
 ------
 ``QUIRKS`` lists the files that reproduce the real archives' traps on purpose (GIF, PNG and RGBA
-bytes behind ``.jpg``, grayscale and CMYK JPEGs, a truncated and an undecodable JPEG, trainval
-rows without XML, a box reaching past the image, stray ``.mat`` files, macOS AppleDouble files).
+bytes behind ``.jpg``, grayscale and CMYK JPEGs, a truncated and an undecodable JPEG, a JPEG that
+decodes but makes libjpeg warn about junk bytes before its end marker, trainval rows without XML,
+a box reaching past the image, stray ``.mat`` files, macOS AppleDouble files).
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ QUIRKS: dict[str, list[str]] = {
     "cmyk": ["Birman_4"],
     "truncated": ["beagle_116"],
     "corrupt": ["chihuahua_121"],
+    "dirty": ["Egyptian_Mau_145"],
     "no_xml": ["Persian_2", "pug_7"],
     "box_outside": ["pug_6"],
     "stray": ["Abyssinian_100.mat", "Abyssinian_101.mat", "Abyssinian_102.mat"],
@@ -88,7 +90,7 @@ QUIRKS: dict[str, list[str]] = {
 }
 
 # Images beyond n = 1..15 that exist only to carry a quirk; they are trainval rows with an XML.
-EXTRA_TRAINVAL = QUIRKS["gif"] + QUIRKS["truncated"] + QUIRKS["corrupt"]
+EXTRA_TRAINVAL = QUIRKS["gif"] + QUIRKS["truncated"] + QUIRKS["corrupt"] + QUIRKS["dirty"]
 
 LIST_HEADER = (
     "#Image CLASS-ID SPECIES BREED ID\n"
@@ -268,6 +270,13 @@ def encode(image: str, picture: Image.Image) -> bytes:
     else:
         picture.save(out, "JPEG", quality=JPEG_QUALITY)
     data = out.getvalue()
+    if kind == "dirty":
+        # As in the real archive: junk between the entropy-coded data and the end-of-image marker,
+        # which libjpeg skips with a "Corrupt JPEG data: N extraneous bytes" warning. No 0xFF byte,
+        # so none of it reads as a marker.
+        breed, n = split_name(image)
+        junk = np.random.default_rng([SEED, class_id(breed), n, 1]).integers(0, 0xFF, 240, dtype=np.uint8)
+        return data[:-2] + junk.tobytes() + data[-2:]
     return data[: len(data) // 2] if kind == "truncated" else data
 
 

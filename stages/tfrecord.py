@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import simplejpeg
 from lxml import etree
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -127,15 +128,22 @@ def find_image(image_names: set[str], stem: str) -> str | None:
 
 
 def _decode(data: bytes) -> tuple[Image.Image, list[str]]:
-    """Decode fully (so truncation shows now, not in training); return RGB + repairs.
+    """Read every byte (so truncation shows now, not in training); return the image + repairs.
 
-    Any repair means the original bytes are not a plain RGB JPEG and get re-encoded.
+    Any repair means the original bytes are not a clean RGB JPEG and get re-encoded, so only then
+    are the pixels decoded: a clean JPEG is stored as it is and checked by ``_libjpeg_warning``.
     """
     image = Image.open(io.BytesIO(data))
-    image.load()
     repairs = []
     if image.format != "JPEG":
         repairs.append(f"{image.format} bytes behind a .jpg name: re-encoded as JPEG")
+    else:
+        warning = _libjpeg_warning(data)
+        if warning:
+            repairs.append(f"libjpeg warning: {warning}; re-encoded")
+    if repairs or image.mode != "RGB":
+        # Pillow tolerates libjpeg's warnings but not its errors: a truncated file raises here.
+        image.load()
     if image.mode != "RGB":
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             # Transparent pixels carry arbitrary colour: flatten onto white, not black.
@@ -148,6 +156,21 @@ def _decode(data: bytes) -> tuple[Image.Image, list[str]]:
             repairs.append(f"mode {image.mode} converted to RGB")
             image = image.convert("RGB")
     return image, repairs
+
+
+def _libjpeg_warning(data: bytes) -> str | None:
+    """What libjpeg-turbo complains about while decoding the JPEG ``data``, or None.
+
+    Pillow silences libjpeg's warnings (junk before a marker, a missing end marker, ...), but
+    TensorFlow prints them on every decode in training and eval, so such files get re-encoded.
+    Decoding at 1/8 scale still reads every marker and entropy-coded byte, where warnings and
+    errors arise, at half the cost of Pillow's full decode.
+    """
+    try:
+        simplejpeg.decode_jpeg(data, strict=True, min_height=1, min_width=1)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _parse_objects(xml: str) -> tuple[tuple[int, int] | None, list[dict[str, Any]]]:
@@ -175,7 +198,7 @@ def load_example(task: Task, class_ids: dict[str, int]) -> dict[str, Any]:
     """Read, check and repair one image + XML into a serialised example.
 
     Returns ``{"example": bytes, "classes": [...], "repairs": [...]}`` or ``{"skip": reason}``.
-    Runs in worker processes: no TensorFlow here, only bytes, Pillow, lxml and protobuf.
+    Runs in worker processes: no TensorFlow here, only bytes, Pillow, simplejpeg, lxml and protobuf.
     """
     with open(task.image, "rb") as file:
         data = file.read()

@@ -309,11 +309,11 @@ def test_main_reports_errors_on_stderr(cfg, tmp_path, monkeypatch, capsys):
     assert "no-such-params.yaml: params file not found" in capsys.readouterr().err
 
     down = with_archives(cfg, entry("images", [dead_url()], archive))
-    monkeypatch.setattr(cli, "load_config", lambda params: down)
+    monkeypatch.setattr(cli, "load_config", lambda params, overrides=(): down)
     assert download.main(args) == 2
     assert capsys.readouterr().err.startswith("error: images: could not fetch")
 
     up = with_archives(cfg, entry("images", [archive.as_uri()], archive))
-    monkeypatch.setattr(cli, "load_config", lambda params: up)
+    monkeypatch.setattr(cli, "load_config", lambda params, overrides=(): up)
     assert download.main(args) == 0
     assert tree(outputs["raw"]) == FILES

@@ -10,6 +10,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
 from sample.make_sample import (
@@ -179,6 +180,10 @@ def test_quirks_have_the_promised_bytes(files, lists):
         assert picture(image).startswith(b"\xff\xd8"), image
         with pytest.raises(OSError):  # PIL's UnidentifiedImageError is an OSError too
             _decode(picture(image))
+    for image in QUIRKS["dirty"]:
+        assert (_decode(picture(image)).format, _decode(picture(image)).mode) == ("JPEG", "RGB")
+        with pytest.raises(ValueError, match="extraneous bytes before marker 0xd9"):  # libjpeg's warning, made fatal
+            simplejpeg.decode_jpeg(picture(image), strict=True)
     for image in QUIRKS["no_xml"]:
         assert image in lists["trainval"] and f"annotations/xmls/{image}.xml" not in files
     for image in QUIRKS["box_outside"]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -15,6 +19,10 @@ from detkit.labelmap import pets_class_name, read_label_map
 from detkit.records import feature_spec
 from sample.make_sample import CLASSES, QUIRKS
 from stages import tfrecord
+
+# libjpeg's warning messages (jerror.h): the file decodes, but TensorFlow prints one on every decode.
+LIBJPEG_WARNING = re.compile(r"Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|"
+                             r"Inconsistent progression sequence|unknown JFIF revision|Unknown Adobe color transform")
 
 
 def read_examples(records):
@@ -97,12 +105,41 @@ def entries(stats, kind):
     ("grayscale", "mode L converted to RGB"),
     ("cmyk", "mode CMYK converted to RGB"),
     ("box_outside", "clipped"),
+    ("dirty", "libjpeg warning: Corrupt JPEG data: 240 extraneous bytes before marker 0xd9; re-encoded"),
 ])
 def test_repairable_quirks_are_kept_and_listed(quirk, reason, stats, examples):
     repaired = entries(stats, "repaired")
     for stem in QUIRKS[quirk]:
         assert f"{stem}.jpg" in examples, f"{stem} should be kept"
         assert any(reason in r for r in repaired[f"images/{stem}.jpg"]["reasons"]), repaired.get(f"images/{stem}.jpg")
+
+
+def test_plain_jpegs_are_stored_byte_for_byte(examples, stats, sample_raw):
+    repaired = {entry["file"].split("/")[1] for entry in stats["repaired"]}
+    plain = [name for name in examples if name not in repaired]
+    assert len(plain) > 300
+    for name in plain:
+        assert examples[name][1]["image/encoded"].numpy() == (sample_raw / "images" / name).read_bytes(), name
+
+
+def test_tensorflow_decodes_every_record_without_a_libjpeg_warning(sample_records, stats):
+    # libjpeg writes its warnings from C straight to file descriptor 2: a child's captured stderr holds them.
+    script = textwrap.dedent("""
+        import sys
+        import tensorflow as tf
+        decoded = 0
+        for serialized in tf.data.TFRecordDataset(sys.argv[1:]):
+            example = tf.train.Example.FromString(serialized.numpy())
+            tf.io.decode_image(example.features.feature["image/encoded"].bytes_list.value[0])
+            decoded += 1
+        print(decoded)
+    """)
+    shards = sorted(str(p) for p in sample_records.glob("*.tfrecord"))
+    result = subprocess.run([sys.executable, "-c", script, *shards], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert int(result.stdout) == sum(split["examples"] for split in stats["splits"].values())
+    warnings = [line for line in result.stderr.splitlines() if LIBJPEG_WARNING.search(line)]
+    assert not warnings, f"TensorFlow's libjpeg warned on decoding the stage's records: {warnings}"
 
 
 @pytest.mark.parametrize("quirk, reason", [
