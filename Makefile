@@ -88,9 +88,13 @@ compare: ## the workspace and its experiments side by side: AP, AP50, AP75, AR10
 mlflow-ui: ## the MLflow UI on the same runs (http://127.0.0.1:$(MLFLOW_PORT), MLFLOW_PORT=...)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-bench: ## print the speed benchmarks (figures and ratios against in-run baselines)
+bench: ## print the speed and memory benchmarks (figures and ratios against in-run baselines; the rehearsal too)
 	$(PYTHON) -m benchmarks.tfrecord_throughput
 	$(PYTHON) -m benchmarks.demo_pipeline
+	$(PYTHON) -m benchmarks.rehearsal
+
+rehearsal: ## the default run (Pets, ResNet-50 preset, 800 px) offline through every stage on stand-in data + preset, served; 4 steps (CPU, ~15 min)
+	$(PYTHON) -m benchmarks.rehearsal
 
 ## Serving (local)
 serve: ## serve the newest export on 127.0.0.1:8080 (SERVE_PORT=...): the container's nginx + entrypoint, TF Serving stand-in

@@ -121,6 +121,7 @@ class Model:
     max_level: int = 7
     use_p5: bool = False
     use_fpn_batch_norm: bool = False
+    freeze_batch_norm: bool = False
     anchors: Anchors = field(default_factory=Anchors)
     head: Head = field(default_factory=Head)
     matching: Matching = field(default_factory=Matching)

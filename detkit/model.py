@@ -153,6 +153,19 @@ def freeze_unused_fpn_norms(backbone) -> list[str]:
     return [layer.name for layer in unused]
 
 
+def freeze_batch_norms(image_encoder) -> int:
+    """Keep the image encoder's batch norms at their (pretrained) statistics; return how many.
+
+    In Keras 3 a non-trainable BatchNormalization runs in inference mode, also in ``fit``: with
+    a handful of images per step the batch statistics are noise, and with them the features
+    the new heads learn from.
+    """
+    norms = [layer for layer in image_encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.trainable = False
+    return len(norms)
+
+
 def set_prior_bias(detector, prior_probability: float, reset_box_bias: bool = True) -> None:
     """Focal-loss prior on the class head, zero bias on the box head (KerasHub swaps them)."""
     cls = detector.classification_head.prediction_layer
@@ -165,12 +178,16 @@ def set_prior_bias(detector, prior_probability: float, reset_box_bias: bool = Tr
 def build_detector(model_cfg, num_classes: int, pretrained: Path | None = None):
     """A fresh detector for ``num_classes`` classes, as ``model_cfg.builder`` says (see module doc)."""
     if model_cfg.builder == "retinanet":
-        return _build_retinanet(model_cfg, num_classes)
-    if model_cfg.builder == "preset":
+        detector = _build_retinanet(model_cfg, num_classes)
+    elif model_cfg.builder == "preset":
         if pretrained is None:
             raise ModelError(f"model '{model_cfg.name}': builder 'preset' needs the pretrained folder")
-        return _build_from_preset(model_cfg, num_classes, find_preset(pretrained))
-    raise ModelError(f"model '{model_cfg.name}': unknown builder '{model_cfg.builder}'")
+        detector = _build_from_preset(model_cfg, num_classes, find_preset(pretrained))
+    else:
+        raise ModelError(f"model '{model_cfg.name}': unknown builder '{model_cfg.builder}'")
+    if model_cfg.freeze_batch_norm:
+        freeze_batch_norms(detector.backbone.image_encoder)
+    return detector
 
 
 def _converter(scale, offset):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -155,3 +156,16 @@ def test_label_map_must_be_contiguous(tmp_path):
     (tmp_path / "label_map.pbtxt").write_text("item { id: 1 name: 'a' }\nitem { id: 3 name: 'b' }\n")
     with pytest.raises(M.ModelError, match="without gaps"):
         M.load_label_map(tmp_path)
+
+
+def test_frozen_batch_norms_keep_their_statistics_in_training(tiny_cfg):
+    images = tf.random.uniform([2, SIZE, SIZE, 3], 0, 255)
+    for freeze in (False, True):
+        detector = M.build_detector(OmegaConf.merge(tiny_cfg, {"freeze_batch_norm": freeze}), 37)
+        encoder = detector.backbone.image_encoder
+        norms = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        assert norms and all(bool(layer.trainable_weights) != freeze for layer in norms)
+        trained = encoder(M.preprocess(detector, images), training=True)
+        inferred = encoder(M.preprocess(detector, images), training=False)
+        same = np.allclose(trained, inferred, atol=1e-5)
+        assert same == freeze
