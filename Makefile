@@ -77,9 +77,9 @@ demo: ## the whole pipeline on the embedded sample with the tiny model, as a DVC
 repro: ## dvc repro: the real run with params.yaml as it is
 	$(DVC) repro
 
-exp: ## SET='key=value ...': one DVC experiment with those params changed (dvc exp run -S ...)
-	@test -n "$(SET)" || { echo "usage: make exp SET='train.learning_rate=0.004 model=retinanet_tiny'"; exit 2; }
-	$(DVC) exp run $(addprefix -S ,$(SET))
+exp: ## SET='key=value ...' [NAME=...]: one DVC experiment with those params changed (dvc exp run -S ...)
+	@test -n "$(SET)" || { echo "usage: make exp SET='train.learning_rate=0.004 model=retinanet_tiny' [NAME=lr-4e-3]"; exit 2; }
+	$(DVC) exp run $(if $(NAME),-n $(NAME)) $(addprefix -S ,$(SET))
 
 compare: ## the workspace and its experiments side by side: AP, AP50, AP75, AR100, model, dataset, changed params
 	@COLUMNS=$(COMPARE_WIDTH) $(DVC) exp show --no-pager --only-changed --sort-by AP50 --sort-order desc \

@@ -108,7 +108,8 @@ def test_experiments_show_up_in_dvc_exp_show_and_mlflow(tmp_path):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "second model"], repo)
 
-    run(["dvc", "exp", "run", "-n", "lr-exp", "-S", "train.learning_rate=0.004"], repo)
+    made = make(repo, "exp", "SET=train.learning_rate=0.004", "NAME=lr-exp")  # the README's everyday form
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
     run(["dvc", "exp", "run", "-n", "2s-exp", "-S", "model=retinanet_tiny_2s"], repo)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     experiments = {}

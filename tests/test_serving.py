@@ -3,6 +3,7 @@ stand-in in place of the binary (the container runs the real one)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.repo_copy import make
+from detkit.predict import request_body
+from tests.httpserver import free_port
+from tests.repo_copy import VENV, make, user_env
 from tests.serving import REPO_ROOT, ServingStack, alive, descendants
 
 pytestmark = pytest.mark.slow
@@ -92,3 +95,26 @@ def test_make_docker_test_says_it_skipped_without_an_engine():
     result = make(REPO_ROOT, "docker-test")
     assert result.returncode == 0
     assert "docker-test: SKIPPED: no Docker engine here" in result.stdout
+
+
+def test_make_serve_from_a_users_shell_answers_ping_and_invocations(demo_repo, val_examples):
+    port = free_port()
+    env = user_env(TFS_REST_PORT=str(free_port()), TFS_GRPC_PORT=str(free_port()))
+    server = subprocess.Popen(["make", "-s", "serve", f"SERVE_PORT={port}", f"VENV={VENV}"], cwd=demo_repo, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert server.poll() is None, "make serve exited"
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.2)
+        response = requests.post(f"http://127.0.0.1:{port}/invocations", timeout=60,
+                                 data=request_body([val_examples[0]["encoded"]]),
+                                 headers={"content-type": "application/json"})
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["num_detections"] > 0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
