@@ -10,10 +10,13 @@ adds, and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +71,16 @@ def make(repo: Path, *args: str, env: dict[str, str] | None = None) -> subproces
     """``make -s <args>`` in ``repo`` from a user's shell (no venv on PATH), output captured."""
     return subprocess.run(["make", "-s", *args, f"VENV={VENV}"], cwd=repo, env=env or user_env(),
                           capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def make_in_background(repo: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """``make -s <args>`` (a server: make serve, make mlflow-ui) from a user's shell, in its own session,
+    stopped with everything it started when the block ends."""
+    process = subprocess.Popen(["make", "-s", *args, f"VENV={VENV}"], cwd=repo, env=env or user_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

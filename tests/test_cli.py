@@ -7,12 +7,11 @@ import json
 import subprocess
 
 from tests.conftest import REPO_ROOT
-from tests.repo_copy import activated_env
+from tests.repo_copy import run
 
 
 def stage(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["python", "-m", *args], cwd=REPO_ROOT, env=activated_env(), capture_output=True,
-                          text=True)
+    return run(["python", "-m", *args], REPO_ROOT, check=False)
 
 
 def test_a_stage_alone_takes_a_group_switch_and_nested_overrides(sample_raw, tmp_path):

@@ -5,11 +5,8 @@ in MLflow with the same metrics; `make compare` and `make mlflow-ui` show them."
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import sqlite3
-import subprocess
 import time
 
 import pytest
@@ -17,7 +14,7 @@ import requests
 from ruamel.yaml import YAML
 
 from tests.httpserver import free_port
-from tests.repo_copy import VENV, make, make_repo_copy, run, user_env
+from tests.repo_copy import make, make_in_background, make_repo_copy, run
 
 pytestmark = pytest.mark.slow
 
@@ -146,9 +143,7 @@ def compare_prints_both_with_only_the_changed_params(repo, experiments):
 
 def mlflow_ui_shows_the_same_numbers(repo, experiments):
     port = free_port()
-    ui = subprocess.Popen(["make", "-s", "mlflow-ui", f"MLFLOW_PORT={port}", f"VENV={VENV}"], cwd=repo,
-                          env=user_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with make_in_background(repo, "mlflow-ui", f"MLFLOW_PORT={port}") as ui:
         api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -166,9 +161,6 @@ def mlflow_ui_shows_the_same_numbers(repo, experiments):
         for name in ("lr-exp", "2s-exp"):
             dvc_ap50 = experiments[name]["metrics"]["metrics/eval.json"]["data"]["AP50"]
             assert shown[name]["eval/AP50"] == pytest.approx(dvc_ap50, abs=1e-9), name
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
 
 
 def mlflow_metric(repo, exp_name: str, key: str) -> float:

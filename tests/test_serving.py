@@ -16,7 +16,7 @@ import requests
 
 from detkit.predict import request_body
 from tests.httpserver import free_port
-from tests.repo_copy import VENV, make, user_env
+from tests.repo_copy import make, make_in_background, user_env
 from tests.serving import REPO_ROOT, ServingStack, alive, descendants
 
 pytestmark = pytest.mark.slow
@@ -100,9 +100,7 @@ def test_make_docker_test_says_it_skipped_without_an_engine():
 def test_make_serve_from_a_users_shell_answers_ping_and_invocations(demo_repo, val_examples):
     port = free_port()
     env = user_env(TFS_REST_PORT=str(free_port()), TFS_GRPC_PORT=str(free_port()))
-    server = subprocess.Popen(["make", "-s", "serve", f"SERVE_PORT={port}", f"VENV={VENV}"], cwd=demo_repo, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
+    with make_in_background(demo_repo, "serve", f"SERVE_PORT={port}", env=env) as server:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert server.poll() is None, "make serve exited"
@@ -115,6 +113,3 @@ def test_make_serve_from_a_users_shell_answers_ping_and_invocations(demo_repo, v
                                  headers={"content-type": "application/json"})
         assert response.status_code == 200, response.text
         assert response.json()["predictions"][0]["num_detections"] > 0
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
