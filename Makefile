@@ -21,7 +21,7 @@ DEPLOY := $(PYTHON) -m detkit.deploy $(DEPLOY_SET)
 # The demo's params: the embedded sample, the tiny model and a training budget that CPUs finish
 # in about 3 minutes (README: make demo).
 DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learning_rate=0.002 \
-	train.warmup_steps=100 train.class_loss_weight=10 train.checkpoint_every=250
+	train.warmup_steps=100 train.class_loss_weight=10 train.checkpoint_every=250 train.eval_every=250
 
 # make compare: DVC's table with --only-changed. Always shown: the experiment, headline metrics, the model
 # and dataset picked. Dropped: the other metrics, dependency hashes (dvc.yaml's paths; `serving` is the one
@@ -91,6 +91,7 @@ mlflow-ui: ## the MLflow UI on the same runs (http://127.0.0.1:$(MLFLOW_PORT), M
 bench: ## print the speed and memory benchmarks (figures and ratios against in-run baselines; the rehearsal too)
 	$(PYTHON) -m benchmarks.tfrecord_throughput
 	$(PYTHON) -m benchmarks.demo_pipeline
+	$(PYTHON) -m benchmarks.train_loop
 	$(PYTHON) -m benchmarks.rehearsal
 
 rehearsal: ## the default run (Pets, ResNet-50 preset, 800 px) offline through every stage on stand-in data + preset, served; 4 steps (CPU, ~15 min)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -100,3 +101,28 @@ def evaluate(results: list[ImageResult], label_map: dict[int, str], backend: str
         for r, col in zip(evaluator.params.recThrs, at50)
     ]
     return {"metrics": stats, "per_class_ap": per_class, "pr_curve": curve}
+
+
+def predict_split(detector, decoder, records: Path, batch_size: int) -> tuple[list[ImageResult], dict[int, bytes]]:
+    """Detections for every val image, and the encoded images (by image id) for drawing."""
+    from detkit import data, model  # TensorFlow: only where a model runs
+
+    results, encoded = [], {}
+    detect = model.detection_function(detector, decoder)
+    for batch in data.eval_dataset(records, model.input_size(detector), batch_size, with_encoded=True):
+        out = {k: v.numpy() for k, v in detect(batch["images"]).items()}
+        for i in range(len(batch["height"])):
+            n_gt, n_det = int(batch["num_boxes"][i]), int(out["num_detections"][i])
+            image_id = len(results) + 1
+            results.append(ImageResult(
+                image_id=image_id,
+                width=int(batch["width"][i]),
+                height=int(batch["height"][i]),
+                gt_boxes=batch["boxes"][i][:n_gt].numpy(),
+                gt_labels=batch["labels"][i][:n_gt].numpy(),
+                boxes=out["detection_boxes"][i][:n_det],
+                classes=out["detection_classes"][i][:n_det].astype(int),
+                scores=out["detection_scores"][i][:n_det],
+            ))
+            encoded[image_id] = batch["encoded"][i].numpy()
+    return results, encoded

@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-GROUPS = ("dataset", "model", "deploy")
+GROUPS = ("dataset", "model", "compute", "deploy")
 PRIMARY = "detkit_params"  # params.yaml's name in Hydra's config store
 
 
@@ -158,6 +158,12 @@ class Train:
     keep_checkpoints: int = 2
     seed: int = 42
     deterministic: bool = True
+    log_every: int = 10
+    eval_every: int = 0
+    keep: str = "last"
+    mixed_precision: str = "auto"
+    distribute: str = "auto"
+    jit_compile: str = "auto"
     augment: Augment = field(default_factory=Augment)
 
 
@@ -196,11 +202,34 @@ class Deploy:
 
 
 @dataclass
+class Compute:
+    """Where the train stage runs (conf/compute/<name>.yaml); the keys below are the sagemaker group's."""
+
+    name: str = MISSING
+    region: str = "us-east-1"
+    role_arn: str | None = None
+    bucket: str | None = None
+    prefix: str = "pet-object-detection"
+    image: str | None = None
+    instance_type: str = "ml.g5.xlarge"
+    instance_count: int = 1
+    volume_size_gb: int = 50
+    max_run_minutes: int = 720
+    spot: bool = True
+    max_wait_minutes: int = 1440
+    base_job_name: str = "pet-object-detection-train"
+    project_tag: str = "pet-object-detection"
+    poll_seconds: int = 30
+    hourly_usd: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     dataset: Dataset = field(default_factory=Dataset)
     split: Split = field(default_factory=Split)
     tfrecord: TFRecord = field(default_factory=TFRecord)
     model: Model = field(default_factory=Model)
+    compute: Compute = field(default_factory=Compute)
     train: Train = field(default_factory=Train)
     eval: Eval = field(default_factory=Eval)
     export: Export = field(default_factory=Export)
@@ -213,6 +242,10 @@ BUILDERS = ("retinanet", "preset")
 BLOCK_TYPES = ("basic_block", "bottleneck_block", "basic_block_vd", "bottleneck_block_vd")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+KEEP = ("last", "best")
+AUTO_SWITCH = ("auto", "true", "false")
+DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
+COMPUTE = ("local", "sagemaker")
 EXTRA_SIGNATURES = ("image_tensor", "tf_example")
 
 
@@ -378,6 +411,8 @@ def _validate_values(cfg: DictConfig) -> None:
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size: {cfg.eval.batch_size} must be at least 1")
     _validate_export(cfg.export)
+    if cfg.compute.name == "sagemaker":
+        _validate_compute(cfg.compute)
     if cfg.deploy.instance_count < 1 or not 0.0 <= cfg.deploy.min_ap50 <= 1.0:
         raise ConfigError(f"conf/deploy/{cfg.deploy.name}.yaml: instance_count must be >= 1, min_ap50 in [0, 1]")
 
@@ -394,6 +429,27 @@ def _validate_export(e: DictConfig) -> None:
         raise ConfigError("export.max_detections and export.check_images must be at least 1")
     if e.check_tolerance <= 0:
         raise ConfigError(f"export.check_tolerance: {e.check_tolerance} must be positive")
+
+
+def _validate_compute(c: DictConfig) -> None:
+    """Values SageMaker would refuse, caught before anything is uploaded. role_arn and bucket come
+    from the environment and are checked when a job is about to start (other stages never need them)."""
+    where = f"conf/compute/{c.name}.yaml"
+    if not re.fullmatch(r"ml\.[a-z0-9-]+\.[a-z0-9]+", c.instance_type):
+        raise ConfigError(f"{where}: instance_type '{c.instance_type}' is not a SageMaker instance type "
+                          "(ml.<family>.<size>, e.g. ml.g5.xlarge)")
+    for key in ("instance_count", "volume_size_gb", "max_run_minutes", "max_wait_minutes", "poll_seconds"):
+        if c[key] < 1:
+            raise ConfigError(f"{where}: {key}: {c[key]} must be at least 1")
+    if c.spot and c.max_wait_minutes < c.max_run_minutes:
+        raise ConfigError(f"{where}: max_wait_minutes ({c.max_wait_minutes}) must be at least max_run_minutes "
+                          f"({c.max_run_minutes}) with spot: SageMaker counts the run within the wait")
+    # Job names are <base_job_name>-<12 hex>-<attempt>, and SageMaker allows 63 characters.
+    if not re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*", c.base_job_name) or len(c.base_job_name) > 44:
+        raise ConfigError(f"{where}: base_job_name '{c.base_job_name}' must be at most 44 letters, digits and "
+                          "inner hyphens")
+    if not re.fullmatch(r"[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*", c.prefix):
+        raise ConfigError(f"{where}: prefix '{c.prefix}' must be an S3 key prefix without leading or trailing '/'")
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -461,6 +517,14 @@ def _validate_train(t: DictConfig) -> None:
         raise ConfigError(f"train.class_loss_weight: {t.class_loss_weight} must be positive")
     if t.weight_decay < 0 or not 0 <= t.momentum < 1:
         raise ConfigError("train.weight_decay must be >= 0 and train.momentum in [0, 1)")
+    if t.log_every < 1 or t.eval_every < 0:
+        raise ConfigError("train.log_every must be at least 1 and train.eval_every at least 0 (0 = off)")
+    _one_of("train.keep", t.keep, KEEP)
+    if t.keep == "best" and not t.eval_every:
+        raise ConfigError("train.keep: 'best' needs validation during training: set train.eval_every > 0")
+    for key in ("mixed_precision", "jit_compile"):
+        _one_of(f"train.{key}", str(t[key]).lower(), AUTO_SWITCH)
+    _one_of("train.distribute", t.distribute, DISTRIBUTE)
     a = t.augment
     if not 0.1 <= a.crop_min_scale <= 1.0:
         raise ConfigError(f"train.augment.crop_min_scale: {a.crop_min_scale} must be in [0.1, 1] (1 = no crop)")

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from detkit import aws
 from detkit.cli import stage_parser
 from detkit.config import ConfigError, load_config, repo_root
 from detkit.fsio import EXPORT_CHECK
@@ -52,7 +53,7 @@ class Settings:
 
     @property
     def tags(self) -> list[dict[str, str]]:
-        return [{"Key": "project", "Value": self.cfg.project_tag}]
+        return aws.project_tags(self.cfg.project_tag)
 
 
 # ---------------------------------------------------------------------------- docker
@@ -96,40 +97,17 @@ class EndpointSwitch:
 
     def wait(self, endpoint: str) -> dict[str, Any]:
         """Wait for InService (or a final failure); the endpoint's description either way."""
-        from botocore.exceptions import WaiterError
-
-        delay = 30
-        attempts = max(1, self.wait_minutes * 60 // delay)
-        try:
-            self.sagemaker.get_waiter("endpoint_in_service").wait(
-                EndpointName=endpoint, WaiterConfig={"Delay": delay, "MaxAttempts": attempts})
-        except WaiterError:
-            pass  # Failed, or still updating after wait_minutes: the description says which
+        # Failed, or still updating after wait_minutes: the description says which.
+        aws.wait(self.sagemaker, "endpoint_in_service", 30, self.wait_minutes, EndpointName=endpoint)
         return self.sagemaker.describe_endpoint(EndpointName=endpoint)
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def _client_error_code(exc: Exception) -> str:
-    return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-
-
-def _unless_missing(call: Callable[..., Any], missing_code: str, **kwargs) -> Any | None:
-    """``call(**kwargs)``, or None where AWS answers ``missing_code``: the thing does not exist."""
-    from botocore.exceptions import ClientError
-
-    try:
-        return call(**kwargs)
-    except ClientError as exc:
-        if _client_error_code(exc) == missing_code:
-            return None
-        raise
-
-
 def describe_endpoint(sagemaker, endpoint: str) -> dict[str, Any] | None:
     # SageMaker answers a missing endpoint with ValidationException ("Could not find endpoint").
-    return _unless_missing(sagemaker.describe_endpoint, "ValidationException", EndpointName=endpoint)
+    return aws.unless_missing(sagemaker.describe_endpoint, "ValidationException", EndpointName=endpoint)
 
 
 def quality_gate(settings: Settings) -> dict[str, Any]:
@@ -172,7 +150,7 @@ def resource_name(endpoint: str, tag: str) -> str:
 def ensure_repository(ecr, settings: Settings) -> str:
     """The repository's URI; created (immutable tags, scan on push) when missing."""
     name = settings.cfg.ecr_repository
-    found = _unless_missing(ecr.describe_repositories, "RepositoryNotFoundException", repositoryNames=[name])
+    found = aws.unless_missing(ecr.describe_repositories, "RepositoryNotFoundException", repositoryNames=[name])
     if found:
         return found["repositories"][0]["repositoryUri"]
     created = ecr.create_repository(repositoryName=name, imageTagMutability="IMMUTABLE",
@@ -182,7 +160,7 @@ def ensure_repository(ecr, settings: Settings) -> str:
 
 
 def image_exists(ecr, repository: str, tag: str) -> bool:
-    return _unless_missing(ecr.describe_images, "ImageNotFoundException", repositoryName=repository,
+    return aws.unless_missing(ecr.describe_images, "ImageNotFoundException", repositoryName=repository,
                            imageIds=[{"imageTag": tag}]) is not None
 
 
@@ -257,8 +235,7 @@ def deploy(settings: Settings, sagemaker, ecr, docker, switch: EndpointSwitch) -
 
 
 def ours(sagemaker, arn: str, settings: Settings) -> bool:
-    tags = sagemaker.list_tags(ResourceArn=arn).get("Tags", [])
-    return all(tag in tags for tag in settings.tags)
+    return aws.tagged_with(sagemaker, arn, settings.tags)
 
 
 def project_resources(sagemaker, settings: Settings) -> dict[str, list[str]]:
@@ -293,7 +270,8 @@ def undeploy(settings: Settings, sagemaker) -> None:
             raise DeployError(f"endpoint {name} was not created by this project (no project="
                               f"{settings.cfg.project_tag} tag): not touched")
         sagemaker.delete_endpoint(EndpointName=name)
-        sagemaker.get_waiter("endpoint_deleted").wait(EndpointName=name, WaiterConfig={"Delay": 15, "MaxAttempts": 80})
+        if not aws.wait(sagemaker, "endpoint_deleted", 15, 20, EndpointName=name):
+            raise DeployError(f"endpoint {name} is still not deleted after 20 minutes; `make status` shows it")
         print(f"undeploy: deleted endpoint {name}: billing for it stops")
     resources = project_resources(sagemaker, settings)
     for config in resources["endpoint_configs"]:
@@ -324,10 +302,7 @@ def invoker(runtime, endpoint: str) -> Callable[[str], dict[str, Any]]:
 
 
 def clients(region: str) -> tuple[Any, Any, Any]:
-    import boto3
-
-    session = boto3.Session(region_name=region)
-    return session.client("sagemaker"), session.client("ecr"), session.client("sagemaker-runtime")
+    return aws.clients(region, "sagemaker", "ecr", "sagemaker-runtime")
 
 
 def main(argv: list[str] | None = None) -> int:

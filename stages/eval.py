@@ -29,38 +29,14 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from detkit import tracking
+from detkit.checkpoints import FINAL, RUN_FILE
 from detkit.cli import run_stage, stage_parser
-from detkit.coco import ImageResult, evaluate
+from detkit.coco import ImageResult, evaluate, predict_split
 from detkit.config import ConfigError
 from detkit.draw import PREDICTED, TRUE, detection_labels, draw_boxes
 from detkit.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
 from detkit.labelmap import read_label_map
-from stages.train import FINAL, RUN_FILE
-
-
-def predict_split(detector, decoder, records: Path, batch_size: int) -> tuple[list[ImageResult], dict[int, bytes]]:
-    """Detections for every val image, and the encoded images (by image id) for drawing."""
-    from detkit import data, model
-
-    results, encoded = [], {}
-    detect = model.detection_function(detector, decoder)
-    for batch in data.eval_dataset(records, model.input_size(detector), batch_size, with_encoded=True):
-        out = {k: v.numpy() for k, v in detect(batch["images"]).items()}
-        for i in range(len(batch["height"])):
-            n_gt, n_det = int(batch["num_boxes"][i]), int(out["num_detections"][i])
-            image_id = len(results) + 1
-            results.append(ImageResult(
-                image_id=image_id,
-                width=int(batch["width"][i]),
-                height=int(batch["height"][i]),
-                gt_boxes=batch["boxes"][i][:n_gt].numpy(),
-                gt_labels=batch["labels"][i][:n_gt].numpy(),
-                boxes=out["detection_boxes"][i][:n_det],
-                classes=out["detection_classes"][i][:n_det].astype(int),
-                scores=out["detection_scores"][i][:n_det],
-            ))
-            encoded[image_id] = batch["encoded"][i].numpy()
-    return results, encoded
 
 
 def draw_samples(results: list[ImageResult], encoded: dict[int, bytes], label_map: dict[int, str],
@@ -78,25 +54,6 @@ def draw_samples(results: list[ImageResult], encoded: dict[int, bytes], label_ma
         image.save(path)
         written.append(path)
     return written
-
-
-def log_to_mlflow(run_file: Path, metrics: dict[str, float], per_class: dict[str, float | None],
-                  artifacts: list[Path]) -> str | None:
-    """Add eval's metrics and files to the training's MLflow run; None when train logged none."""
-    if not run_file.is_file():
-        return None
-    from mlflow.tracking import MlflowClient
-
-    run = json.loads(run_file.read_text())
-    client = MlflowClient(tracking_uri=run["tracking_uri"])
-    for name, value in metrics.items():
-        client.log_metric(run["run_id"], f"eval/{name}", value)
-    for name, value in per_class.items():
-        if value is not None:
-            client.log_metric(run["run_id"], f"eval_ap/{name}", value)
-    for path in artifacts:
-        client.log_artifact(run["run_id"], str(path), "eval")
-    return run["run_id"]
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict[str, Any]:
@@ -120,9 +77,11 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     with atomic_dir(plots_dir / "eval_samples") as tmp:
         draw_samples(results, encoded, label_map, cfg.eval.num_samples, cfg.eval.sample_min_score, tmp)
     samples = sorted((plots_dir / "eval_samples").iterdir())
-    run_id = log_to_mlflow(checkpoints / RUN_FILE, coco["metrics"], coco["per_class_ap"],
-                           [metrics_dir / "eval.json", metrics_dir / "per_class_ap.json",
-                            plots_dir / "pr_curve.json", *samples])
+    per_class = {name: ap for name, ap in coco["per_class_ap"].items() if ap is not None}
+    tracking.log_to_run(checkpoints / RUN_FILE, per_class, [], "eval", prefix="eval_ap/")
+    run_id = tracking.log_to_run(checkpoints / RUN_FILE, coco["metrics"],
+                                 [metrics_dir / "eval.json", metrics_dir / "per_class_ap.json",
+                                  plots_dir / "pr_curve.json", *samples], "eval", prefix="eval/")
     m = coco["metrics"]
     print(f"eval: {len(results)} val images: AP {m['AP']:.3f}  AP50 {m['AP50']:.3f}  AP75 {m['AP75']:.3f}  "
           f"AR100 {m['AR100']:.3f}" + (f"; logged to MLflow run {run_id}" if run_id else ""))

@@ -34,11 +34,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from detkit.checkpoints import FINAL
 from detkit.cli import run_stage, stage_parser
 from detkit.config import ConfigError
 from detkit.fsio import EXPORT_CHECK, EXPORT_LABEL_MAP, atomic_dir, versions
 from detkit.model import ModelError
-from stages.train import FINAL
 
 
 class ExportError(RuntimeError):

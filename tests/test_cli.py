@@ -33,6 +33,7 @@ def test_a_typo_in_an_override_is_named_with_its_closest_key(tmp_path):
 
 
 def test_a_misspelt_group_choice_lists_the_files():
-    result = stage("stages.train", "--records", "r", "--checkpoints", "c", "--log", "l", "model=retinanet_tinny")
+    result = stage("stages.train", "--records", "r", "--checkpoints", "c", "--log", "l", "--val-log", "v",
+                   "model=retinanet_tinny")
     assert result.returncode == 2
     assert "(did you mean 'retinanet_tiny'?); choose one of: retinanet_resnet50, retinanet_tiny" in result.stderr

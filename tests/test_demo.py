@@ -34,7 +34,11 @@ def test_demo_model_learns_the_sample(demo_repo):
 def test_demo_leaves_plots_samples_and_an_experiment(demo_repo):
     with open(demo_repo / "plots" / "train_log.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == list(range(1, 1001))
+    assert [int(r["step"]) for r in rows] == list(range(10, 1001, 10))  # train.log_every
+    with open(demo_repo / "plots" / "val_log.csv") as f:
+        val = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in val] == [250, 500, 750, 1000]  # train.eval_every
+    assert float(val[-1]["AP50"]) > float(val[0]["AP50"])
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) / 3
     curve = json.loads((demo_repo / "plots" / "pr_curve.json").read_text())
     assert len(curve) == 101 and curve[0]["precision"] >= curve[-1]["precision"]

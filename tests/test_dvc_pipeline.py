@@ -179,7 +179,8 @@ def test_typo_in_params_fails_before_any_work(tmp_path):
     text = (scratch / "params.yaml").read_text().replace("learning_rate:", "learnig_rate:")
     (scratch / "params.yaml").write_text(text)
     result = run(["python", "-m", "stages.train", "--records", "data/records", "--pretrained", "models/pretrained",
-                  "--checkpoints", "models/checkpoints", "--log", "plots/train_log.csv"], scratch, check=False)
+                  "--checkpoints", "models/checkpoints", "--log", "plots/train_log.csv",
+                  "--val-log", "plots/val_log.csv"], scratch, check=False)
     assert result.returncode != 0
     assert "unknown key 'train.learnig_rate' (did you mean 'learning_rate'?)" in result.stderr
     assert not (scratch / "models").exists()

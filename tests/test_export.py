@@ -17,10 +17,10 @@ import tensorflow as tf
 from PIL import Image
 
 from detkit import model
+from detkit.checkpoints import FINAL
 from detkit.config import load_config
 from detkit.labelmap import read_label_map
 from stages import export
-from stages.train import FINAL
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,9 @@ import keras
 import pytest
 from mlflow.tracking import MlflowClient
 
+from detkit import checkpoints as CK
 from detkit import model as M
+from detkit import tracking
 from detkit.config import load_config
 from stages import train
 
@@ -17,7 +19,7 @@ STEPS = 4
 OVERRIDES = [
     "dataset=sample", "model=retinanet_tiny", "model.image_size=64",
     f"train.steps={STEPS}", "train.batch_size=2", "train.checkpoint_every=2", "train.warmup_steps=1",
-    "train.learning_rate=0.003", "train.max_boxes=2", "train.shuffle_buffer=32",
+    "train.learning_rate=0.003", "train.max_boxes=2", "train.shuffle_buffer=32", "train.log_every=1",
 ]
 
 
@@ -41,7 +43,8 @@ class CrashAt(keras.callbacks.Callback):
 def paths(tmp_path, sample_records):
     return {
         "inputs": {"records": sample_records, "pretrained": tmp_path / "pretrained"},
-        "outputs": {"checkpoints": tmp_path / "checkpoints", "log": tmp_path / "plots" / "train_log.csv"},
+        "outputs": {"checkpoints": tmp_path / "checkpoints", "log": tmp_path / "plots" / "train_log.csv",
+                    "val_log": tmp_path / "plots" / "val_log.csv"},
         "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
 
@@ -119,11 +122,11 @@ def test_crashed_run_resumes_from_its_last_checkpoint(paths):
     # The optimizer resumed too: its step counter continues from the checkpoint.
     restored = M.build_detector(cfg.model, 37)
     restored.compile(optimizer=train.make_optimizer(cfg.train, train.make_schedule(cfg.train)))
-    train.restore_checkpoint(ckpt / "ckpt-0000004", restored, STEPS)
+    CK.restore(ckpt / "ckpt-0000004", restored, STEPS)
     assert int(restored.optimizer.iterations.numpy()) == STEPS
     assert any(v.path.endswith("_momentum") and float(abs(v.numpy()).max()) > 0 for v in restored.optimizer.variables)
-    with pytest.raises(train.TrainError, match="optimizer state not restored"):
-        train.restore_checkpoint(ckpt / "ckpt-0000004", restored, STEPS + 1)
+    with pytest.raises(CK.CheckpointError, match="optimizer state not restored"):
+        CK.restore(ckpt / "ckpt-0000004", restored, STEPS + 1)
 
     # Other params: the old checkpoints are not resumed, training starts over.
     changed = load_config(overrides=[*OVERRIDES, "train.learning_rate=0.001"])
@@ -133,20 +136,21 @@ def test_crashed_run_resumes_from_its_last_checkpoint(paths):
 
 def test_bad_params_exit_2_with_a_message(tmp_path, capsys):
     code = train.main(["--records", str(tmp_path), "--checkpoints", str(tmp_path / "c"), "--log",
-                       str(tmp_path / "l.csv"), "--params", "no-such-params.yaml"])
+                       str(tmp_path / "l.csv"), "--val-log", str(tmp_path / "v.csv"),
+                       "--params", "no-such-params.yaml"])
     assert code == 2
     assert capsys.readouterr().err.startswith("error: ")
 
 
 def test_missing_records_exit_2(tmp_path, capsys):
     code = train.main(["--records", str(tmp_path / "nothing"), "--checkpoints", str(tmp_path / "c"),
-                       "--log", str(tmp_path / "l.csv")])
+                       "--log", str(tmp_path / "l.csv"), "--val-log", str(tmp_path / "v.csv")])
     assert code == 2
     assert "label_map.pbtxt" in capsys.readouterr().err
 
 
 def test_flatten_names_every_leaf():
-    assert train.flatten({"a": {"b": 1, "c": [2, {"d": None}]}}) == {"a.b": "1", "a.c.0": "2", "a.c.1.d": "None"}
+    assert tracking.flatten({"a": {"b": 1, "c": [2, {"d": None}]}}) == {"a.b": "1", "a.c.0": "2", "a.c.1.d": "None"}
 
 
 @pytest.mark.parametrize("override, message", [
@@ -162,3 +166,47 @@ def test_bad_train_and_model_values_are_refused(override, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=["dataset=sample", "model=retinanet_tiny", "train.steps=1000", override])
+
+
+class SilenceClassHeadAfter(keras.callbacks.Callback):
+    """Makes every step after ``step`` worse than the ones before: no score reaches the threshold."""
+
+    def __init__(self, step, interval):
+        super().__init__()
+        self.step, self.interval = step, interval
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) * self.interval == self.step:
+            bias = self.model.classification_head.prediction_layer.bias
+            bias.assign(keras.ops.full(bias.shape, -20.0))
+
+
+@pytest.mark.slow
+def test_validation_during_training_logs_ap50_and_keep_best_keeps_its_weights(paths):
+    cfg = load_config(overrides=[*OVERRIDES, "train.steps=60", "train.batch_size=8", "train.max_boxes=4",
+                                 "train.class_loss_weight=10", "train.warmup_steps=5", "train.checkpoint_every=20",
+                                 "train.keep_checkpoints=3", "train.eval_every=20", "train.log_every=20",
+                                 "train.keep=best", "eval.batch_size=32"])
+    summary = train.run(cfg, paths["inputs"], paths["outputs"], tracking_uri=paths["uri"],
+                        callbacks=[SilenceClassHeadAfter(40, 20)])
+    val = _log(paths["outputs"]["val_log"])
+    assert [int(r["step"]) for r in val] == [20, 40, 60] and list(val[0]) == ["step", "AP", "AP50", "AP75"]
+    ap50 = [float(r["AP50"]) for r in val]
+    assert ap50[2] == 0.0 < max(ap50[:2])  # the silenced head finds nothing
+    best_step = [20, 40][ap50.index(max(ap50))]
+    assert summary["best"]["step"] == best_step
+    ckpt = paths["outputs"]["checkpoints"]
+    assert json.loads((ckpt / "best.json").read_text())["step"] == best_step
+
+    final, info = M.load_trained(ckpt / "final")
+    assert info["step"] == best_step and info["keep"] == "best"
+    reference = M.build_detector(cfg.model, 37)
+    reference.compile(optimizer=train.make_optimizer(cfg.train, train.make_schedule(cfg.train)))
+    for step, same in ((best_step, True), (60, False)):
+        CK.restore(ckpt / f"ckpt-{step:07d}", reference, step)
+        equal = all((a == b).all() for a, b in zip(final.get_weights(), reference.get_weights()))
+        assert equal is same, f"final/ vs ckpt-{step}"
+
+    client = MlflowClient(paths["uri"])
+    history = client.get_metric_history(summary["mlflow_run_id"], "val/AP50")
+    assert sorted((m.step, m.value) for m in history) == list(zip([20, 40, 60], ap50))

@@ -1,0 +1,92 @@
+"""The train stage's own cost: its steps/s next to a bare Keras ``fit`` of the same model on the
+same dataset, in one process (goal: the stage at least 0.95x the bare fit).
+
+The bare baseline is what the stage wraps: ``model.fit(dataset, steps_per_epoch=N, verbose=0)``
+with Keras' defaults. The stage adds its loop (a stop every ``train.log_every`` steps: a log row,
+progress, checkpoints, MLflow) on top. Both include the first step's graph tracing; the stage's
+figure also its last checkpoint. Shown for the default ``train.log_every`` and for 1 (a host
+round trip and a log row every step, as the stage did before ``log_every``).
+
+    python -m benchmarks.train_loop [--steps 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from detkit.config import load_config
+
+OVERRIDES = ["dataset=sample", "model=retinanet_tiny", "train.batch_size=8", "train.warmup_steps=10",
+             "train.learning_rate=0.002"]
+GOAL = 0.95
+
+
+def prepare(root: Path) -> Path:
+    from stages import download, tfrecord
+
+    cfg = load_config(overrides=["dataset=sample"])
+    download.run(cfg, {"cache": root / "cache"}, {"raw": root / "raw"})
+    tfrecord.run(cfg, {"raw": root / "raw"}, {"records": root / "records"})
+    return root / "records"
+
+
+def bare_fit(cfg, records: Path) -> float:
+    """Seconds for ``cfg.train.steps`` steps of a plain ``fit`` on the stage's model and dataset."""
+    import keras
+
+    from detkit import data as D
+    from detkit import model as M
+    from stages.train import make_optimizer, make_schedule
+
+    t = cfg.train
+    keras.utils.set_random_seed(int(t.seed))
+    detector = M.build_detector(cfg.model, len(M.load_label_map(records)))
+    detector.compile(optimizer=make_optimizer(t, make_schedule(t)),
+                     loss_weights={"bbox_regression": 1.0, "cls_logits": float(t.class_loss_weight)})
+    dataset = D.train_dataset(records, M.input_size(detector), int(t.batch_size), t.augment,
+                              max_boxes=int(t.max_boxes), shuffle_buffer=int(t.shuffle_buffer), seed=int(t.seed),
+                              deterministic=bool(t.deterministic))
+    start = time.perf_counter()
+    detector.fit(dataset, epochs=1, steps_per_epoch=int(t.steps), verbose=0)
+    return time.perf_counter() - start
+
+
+def stage(cfg, records: Path, out: Path) -> float:
+    from stages import train
+
+    summary = train.run(cfg, {"records": records}, {"checkpoints": out / "checkpoints", "log": out / "log.csv",
+                                                    "val_log": out / "val.csv"},
+                        tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    return float(summary["seconds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="train-loop-") as tmp:
+        root = Path(tmp)
+        os.environ.setdefault("DVC_ROOT", str(Path(__file__).resolve().parents[1]))
+        records = prepare(root)
+        base = [*OVERRIDES, f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}"]
+        default = load_config(overrides=base)
+        bare = bare_fit(default, records)
+        rows = [("bare Keras fit (baseline)", bare)]
+        for log_every in (int(default.train.log_every), 1):
+            cfg = load_config(overrides=[*base, f"train.log_every={log_every}"])
+            rows.append((f"train stage, train.log_every={log_every}", stage(cfg, records, root / f"every{log_every}")))
+    print(f"\ntrain loop: {args.steps} steps of retinanet_tiny (128 px, batch 8) on the embedded sample")
+    for name, seconds in rows:
+        print(f"  {name:36s} {args.steps / seconds:6.2f} steps/s  ({seconds:.1f} s)  "
+              f"{bare / seconds:.3f}x the bare fit")
+    ratio = bare / rows[1][1]
+    print(f"train loop: stage / bare fit = {ratio:.3f}x with the defaults (goal >= {GOAL}x): "
+          f"{'met' if ratio >= GOAL else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""detkit.distribute through the train stage: the GPU branch (mixed precision + MirroredStrategy) on
+two logical CPU devices, and MultiWorkerMirroredStrategy over two worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from detkit import distribute
+from tests.repo_copy import activated_env
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["dataset=sample", "model=retinanet_tiny", "model.image_size=64", "train.batch_size=4", "train.max_boxes=2",
+        "train.shuffle_buffer=32", "train.warmup_steps=1", "train.learning_rate=0.003"]
+
+# The GPU branch on CPU: split the CPU into two logical devices before TensorFlow starts, so that
+# MirroredStrategy really has two replicas and each step's batch is split between them.
+MIRRORED_SCRIPT = """
+import json, sys
+from pathlib import Path
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+from detkit.config import load_config
+from stages import eval as evaluate, export, train
+
+out, records = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = load_config(overrides=json.loads(sys.argv[3]))
+paths = {"checkpoints": out / "checkpoints", "log": out / "train_log.csv", "val_log": out / "val_log.csv"}
+
+class Crash(RuntimeError):
+    pass
+
+class CrashAfter(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == 3:
+            raise Crash()
+
+try:
+    train.run(cfg, {"records": records}, paths, tracking_uri=f"sqlite:///{out}/mlflow.db", callbacks=[CrashAfter()])
+except Crash:
+    pass
+summary = train.run(cfg, {"records": records}, paths, tracking_uri=f"sqlite:///{out}/mlflow.db")
+metrics = evaluate.run(cfg, {"records": records, "checkpoints": paths["checkpoints"]},
+                       {"metrics": out / "metrics", "plots": out / "plots"})["metrics"]
+exported = export.run(cfg, {"records": records, "checkpoints": paths["checkpoints"]}, {"export": out / "export"})
+print("RESULT " + json.dumps({"summary": summary, "AP50": metrics["AP50"], "export": exported["path"],
+                              "policy": keras.mixed_precision.global_policy().name}))
+"""
+
+
+def result_line(output: str) -> dict:
+    return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_mixed_precision_and_mirrored_strategy_train_resume_evaluate_and_export_float32(tmp_path, sample_records):
+    overrides = [*TINY, "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.distribute=mirrored",
+                 "train.mixed_precision=true", "export.check_images=4"]
+    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path), str(sample_records),
+                           json.dumps(overrides)], cwd=REPO, env=activated_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "train: mirrored strategy (2 replicas), mixed_float16" in done.stdout
+    result = result_line(done.stdout)
+    assert result["summary"]["resumed"] and result["summary"]["start_step"] == 2
+    assert result["policy"] == "float32"  # the stage leaves the process as it found it
+
+    rows = (tmp_path / "train_log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(v) == float(v) and abs(float(v)) < 1e6 for r in rows for v in r.split(",")[1:])  # finite
+
+    final_config = json.loads((tmp_path / "checkpoints" / "final" / "config.json").read_text())
+    assert final_config["config"]["dtype"]["config"]["name"] == "float32"
+    check = json.loads((Path(result["export"]) / "assets.extra" / "export_check.json").read_text())
+    assert check["passed"]
+    import tensorflow as tf
+
+    served = tf.saved_model.load(result["export"]).signatures["serving_default"]
+    assert {spec.dtype for spec in served.structured_outputs.values()} <= {tf.float32}
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(tmp_path: Path, records: Path, overrides: list[str],
+                  checkpoints: list[Path]) -> list[subprocess.Popen]:
+    """Two ``python -m stages.train`` processes, worker 0 (the chief) and worker 1, joined by TF_CONFIG."""
+    hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    workers = []
+    for index in range(2):
+        env = activated_env(TF_CONFIG=json.dumps({"cluster": {"worker": hosts},
+                                                  "task": {"type": "worker", "index": index}}),
+                            MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", DVC_ROOT=str(REPO))
+        log = open(tmp_path / f"worker{index}.out", "a")
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "stages.train", "--records", str(records), "--checkpoints", str(checkpoints[index]),
+             "--log", str(tmp_path / f"w{index}" / "train_log.csv"),
+             "--val-log", str(tmp_path / f"w{index}" / "val_log.csv"), *overrides],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return workers
+
+
+def finish(workers: list[subprocess.Popen], tmp_path: Path) -> list[str]:
+    outputs = []
+    for index, worker in enumerate(workers):
+        code = worker.wait(timeout=900)
+        outputs.append((tmp_path / f"worker{index}.out").read_text())
+        assert code == 0, outputs[-1][-4000:]
+    return outputs
+
+
+def digests(output: str) -> str:
+    return re.findall(r"trainable weights digest ([0-9a-f]+)", output)[-1]
+
+
+@pytest.mark.slow
+def test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes(tmp_path, sample_records):
+    overrides = [*TINY, "train.steps=48", "train.checkpoint_every=4", "train.log_every=4", "train.distribute=auto"]
+    chief_dir, worker_dir = tmp_path / "chief", tmp_path / "worker"
+    workers = start_workers(tmp_path, sample_records, overrides, [chief_dir, worker_dir])
+    deadline = time.time() + 600
+    while time.time() < deadline and (json.loads((chief_dir / "checkpoint.json").read_text())["step"]
+                                      if (chief_dir / "checkpoint.json").is_file() else 0) < 8:
+        assert all(w.poll() is None for w in workers), "a worker ended before it was killed"
+        time.sleep(0.2)
+    for worker in workers:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    killed_at = json.loads((chief_dir / "checkpoint.json").read_text())["step"]
+    assert 8 <= killed_at < 48
+    assert not worker_dir.exists() and not (tmp_path / "w1").exists()  # only the chief writes
+    assert not (chief_dir / "final").exists()
+
+    # Re-run: both resume from the chief's checkpoint (worker 1 reads the chief's folder, as it
+    # would on a shared disk or in SageMaker's synced checkpoint folder).
+    workers = start_workers(tmp_path, sample_records, overrides, [chief_dir, chief_dir])
+    chief_out, worker_out = finish(workers, tmp_path)
+    for output in (chief_out, worker_out):
+        assert "multi_worker strategy (2 workers, 2 replicas)" in output
+        assert f"resuming from {chief_dir / f'ckpt-{killed_at:07d}'} (step {killed_at} of 48)" in output
+    assert digests(chief_out) == digests(worker_out)  # identical trainable weights on both workers
+
+    from detkit import model as M
+
+    detector, info = M.load_trained(chief_dir / "final")
+    assert info["step"] == 48 and distribute.weights_digest(detector) == digests(chief_out)
+    assert not (tmp_path / "w1").exists()
+    rows = (tmp_path / "w0" / "train_log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(4, 49, 4))
+
+
+def test_auto_picks_multi_worker_only_when_tf_config_names_two_workers():
+    two = json.dumps({"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}})
+    assert distribute.cluster_workers({}) == 1
+    assert distribute.cluster_workers({"TF_CONFIG": two}) == 2
+    chief_plus_one = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:2"]}, "task": {"type": "chief"}})
+    assert distribute.cluster_workers({"TF_CONFIG": chief_plus_one}) == 2
+    with pytest.raises(ValueError, match="TF_CONFIG: not valid JSON"):
+        distribute.cluster_workers({"TF_CONFIG": "{cluster"})

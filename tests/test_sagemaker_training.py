@@ -1,0 +1,284 @@
+"""detkit.sagemaker_training (`compute: sagemaker`) against moto's server on 127.0.0.1.
+
+moto completes a training job the moment it is created and never runs it, so each job's
+model.tar.gz is made beforehand the way the job makes it: the code archive the runner uploads,
+extracted as SageMaker's toolkit extracts it, its entry point run under the simulated training
+contract of tests/test_training_contract.py, and the model folder tarred; then it is put where
+SageMaker writes it (``<S3OutputPath>/<job name>/output/model.tar.gz``). moto also has no
+``stop_training_job``, and its jobs never fail: both go through the module's one seam,
+``JobWatcher``, subclassed here."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+
+from detkit import aws
+from detkit import checkpoints as CK
+from detkit import sagemaker_training as S
+from detkit import training_contract as T
+from detkit.config import ConfigError, load_config
+from tests.repo_copy import REPO_ROOT, run
+from tests.test_dvc_pipeline import quick_copy
+from tests.test_training_contract import QUICK, job_environment, run_in_job
+
+ROLE = "arn:aws:iam::123456789012:role/sagemaker-training"
+REGION = "us-east-1"
+BUCKET = "pets-training"
+PREFIX = "pet-object-detection"  # conf/compute/sagemaker.yaml
+GPU_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/tensorflow-training:2.21.0-gpu-py312-cu129-amzn2023-sagemaker"
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": REGION,
+                           "AWS_DEFAULT_REGION": REGION, "SAGEMAKER_ROLE_ARN": ROLE,
+                           "SAGEMAKER_BUCKET": BUCKET}.items():
+            mp.setenv(key, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_clients(moto_url, tmp_path, monkeypatch):
+    """A fresh moto with the bucket; in-process MLflow runs go to tmp, not the repository's store."""
+    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    s3, sagemaker = aws.clients(REGION, "s3", "sagemaker")
+    s3.create_bucket(Bucket=BUCKET)
+    return s3, sagemaker
+
+
+def job_artifact(root: Path, cfg, records: Path, scratch: Path) -> bytes:
+    """model.tar.gz of the job the runner starts for ``cfg`` from the repository at ``root``."""
+    base = scratch / "opt" / "ml"
+    code = base / "code"
+    with tarfile.open(fileobj=io.BytesIO(S.source_archive(root))) as tar:
+        tar.extractall(code, filter="data")
+    result = run_in_job(job_environment(base, cfg, records), [sys.executable, T.ENTRY_POINT], cwd=code)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:  # SageMaker tars the model folder's contents
+        for path in sorted((base / "model").iterdir()):
+            tar.add(path, arcname=path.name)
+    return buffer.getvalue()
+
+
+def put_artifact(s3, cfg, fp: str, data: bytes) -> str:
+    name = S.job_name(cfg.compute, fp, 1)
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/jobs/{name}/output/model.tar.gz", Body=data)
+    return name
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- without a job
+
+
+def test_default_image_is_the_aws_tensorflow_image_of_the_pinned_version():
+    cfg = load_config(overrides=["compute=sagemaker"])
+    assert S.training_image(cfg.compute) == GPU_IMAGE
+    cpu = load_config(overrides=["compute=sagemaker", "compute.instance_type=ml.m5.xlarge",
+                                 "compute.region=eu-south-1"]).compute
+    assert S.training_image(cpu) == ("692866216735.dkr.ecr.eu-south-1.amazonaws.com/tensorflow-training:"
+                                     "2.21.0-cpu-py312-amzn2023-sagemaker")
+    pins = (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    assert all(f"tensorflow=={tag.split('-')[0]}" in pins for tag in S.DLC_TAGS.values())
+
+
+def test_code_archive_holds_the_entry_point_and_pinned_job_requirements_and_is_reproducible():
+    data = S.source_archive(REPO_ROOT)
+    assert data == S.source_archive(REPO_ROOT)  # same files, same key in S3: uploaded once
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = tar.getnames()
+        requirements = tar.extractfile("requirements.txt").read().decode().splitlines()
+    assert {T.ENTRY_POINT, "requirements.txt", "params.yaml", "stages/train.py", "detkit/training_contract.py",
+            "conf/compute/sagemaker.yaml"} <= set(names)
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+    pins = set((REPO_ROOT / "requirements.txt").read_text().splitlines())
+    assert requirements and set(requirements) <= pins and "tensorflow==2.21.0" in requirements
+
+
+def test_cost_is_printed_as_an_upper_bound():
+    on_demand = load_config(overrides=["compute=sagemaker", "compute.spot=false", "compute.max_run_minutes=90"])
+    assert "at most $2.11 (1 x ml.g5.xlarge at $1.408/hour" in S.cost_line(on_demand.compute)
+    spot = load_config(overrides=["compute=sagemaker", "compute.instance_count=2"]).compute
+    line = S.cost_line(spot)
+    assert "at most $33.79 (2 x ml.g5.xlarge" in line and "spot" in line
+
+
+def test_spot_wait_shorter_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match="max_wait_minutes .* must be at least max_run_minutes"):
+        load_config(overrides=["compute=sagemaker", "compute.max_wait_minutes=60"])
+
+
+def test_without_a_role_the_stage_says_how_to_set_it(aws_clients, monkeypatch, sample_records, tmp_path):
+    monkeypatch.delenv("SAGEMAKER_ROLE_ARN")
+    cfg = load_config(overrides=[*QUICK, "compute=sagemaker"])
+    with pytest.raises(ConfigError, match="export SAGEMAKER_ROLE_ARN="):
+        S.run(cfg, {"records": sample_records}, outputs(tmp_path))
+    assert aws_clients[1].list_training_jobs()["TrainingJobSummaries"] == []
+
+
+# ---------------------------------------------------------------------------- dvc exp run
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_what_lands(aws_clients, tmp_path):
+    s3, sagemaker = aws_clients
+    repo = quick_copy(tmp_path / "repo")
+    run(["dvc", "repro", "tfrecord"], repo)
+    records = repo / "data" / "records"
+    cfg = load_config(repo / "params.yaml", overrides=["compute=sagemaker"])  # what the experiment composes
+    fp = CK.fingerprint(cfg, records, None)
+    artifact = job_artifact(repo, cfg, records, tmp_path / "job1")
+    name = put_artifact(s3, cfg, fp, artifact)
+
+    first = run(["dvc", "exp", "run", "-n", "on-sagemaker", "-S", "compute=sagemaker", "eval"], repo)
+    out = first.stdout
+    assert "train: uploaded data/records (" in out and "train: uploaded the code" in out, out
+    assert "train: cost: at most $16.90" in out and f"train: started job {name} on 1 x ml.g5.xlarge (spot)" in out
+    job = sagemaker.describe_training_job(TrainingJobName=name)
+    assert job["AlgorithmSpecification"]["TrainingImage"] == GPU_IMAGE
+    assert job["AlgorithmSpecification"]["TrainingInputMode"] == "File"
+    assert job["RoleArn"] == ROLE
+    assert job["ResourceConfig"] == {"InstanceType": "ml.g5.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 50}
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["StoppingCondition"] == {"MaxRuntimeInSeconds": 720 * 60, "MaxWaitTimeInSeconds": 1440 * 60}
+    assert job["CheckpointConfig"] == {"S3Uri": f"s3://{BUCKET}/{PREFIX}/checkpoints/{fp}/",
+                                       "LocalPath": "/opt/ml/checkpoints"}
+    assert {"Key": "project", "Value": "pet-object-detection"} in \
+        sagemaker.list_tags(ResourceArn=job["TrainingJobArn"])["Tags"]
+    (channel,) = job["InputDataConfig"]  # no pretrained channel: the tiny model trains from scratch
+    records_uri = channel["DataSource"]["S3DataSource"]["S3Uri"]
+    assert channel["ChannelName"] == "records" and records_uri.startswith(f"s3://{BUCKET}/{PREFIX}/inputs/records/")
+    _, records_key = aws.split_s3_uri(records_uri)
+    uploaded = {o["Key"][len(records_key):] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=records_key)["Contents"]}
+    assert uploaded == {p.name for p in records.iterdir()}
+    hps = {key: json.loads(value) for key, value in job["HyperParameters"].items()}
+    assert (hps["model.name"], hps["dataset.name"], hps["train.steps"]) == ("retinanet_tiny", "sample", 6)
+    assert hps["sagemaker_program"] == T.ENTRY_POINT and "sagemaker_multi_worker_mirrored_strategy_enabled" not in hps
+    code_bucket, code_key = aws.split_s3_uri(hps["sagemaker_submit_directory"])
+    assert s3.get_object(Bucket=code_bucket, Key=code_key)["Body"].read() == S.source_archive(repo)
+
+    # Landed: the local layout, the job's own log, and eval ran on it.
+    checkpoints = repo / "models" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [CK.INDEX, "ckpt-0000006", CK.FINAL, CK.RUN_FILE]
+    with tarfile.open(fileobj=io.BytesIO(artifact)) as tar:
+        assert (repo / "plots" / "train_log.csv").read_bytes() == tar.extractfile(CK.TRAIN_LOG).read()
+    assert json.loads((repo / "metrics" / "eval.json").read_text())["step"] == 6
+    from mlflow.tracking import MlflowClient
+
+    run_file = json.loads((checkpoints / CK.RUN_FILE).read_text())
+    tracked = MlflowClient(run_file["tracking_uri"])
+    mlflow_run = tracked.get_run(run_file["run_id"])
+    assert mlflow_run.data.tags["sagemaker_job_name"] == name and mlflow_run.info.status == "FINISHED"
+    assert len(tracked.get_metric_history(run_file["run_id"], "loss")) == len(CK.read_log(repo / "plots" /
+                                                                                      "train_log.csv"))
+
+    # Another train param, the same records: a new job, no records uploaded.
+    cfg2 = load_config(repo / "params.yaml", overrides=["train.learning_rate=0.004"])
+    fp2 = CK.fingerprint(cfg2, records, None)
+    name2 = put_artifact(s3, cfg2, fp2, job_artifact(repo, cfg2, records, tmp_path / "job2"))
+    second = run(["dvc", "exp", "run", "-n", "lr-on-sagemaker", "-S", "compute=sagemaker",
+                  "-S", "train.learning_rate=0.004", "eval"], repo)
+    assert "train: data/records is already in " in second.stdout and "uploaded data/records" not in second.stdout
+    assert f"train: started job {name2} " in second.stdout
+    job2 = sagemaker.describe_training_job(TrainingJobName=name2)
+    assert job2["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == records_uri
+
+    # The first params again, outside DVC: the Completed job's model is reused, no job starts.
+    reused = S.run(cfg, {"records": records}, outputs(tmp_path / "again"))
+    assert reused["reused"] and reused["job_name"] == name
+    assert len(sagemaker.list_training_jobs()["TrainingJobSummaries"]) == 2
+    assert (tmp_path / "again" / "checkpoints" / CK.FINAL / "detkit.json").is_file()
+
+
+# ---------------------------------------------------------------------------- through the seam
+
+
+def outputs(root: Path) -> dict[str, Path]:
+    return {"checkpoints": root / "checkpoints", "log": root / "train_log.csv", "val_log": root / "val_log.csv"}
+
+
+def previous_outputs(root: Path) -> dict[str, Path]:
+    """What an earlier run left: a model and its logs."""
+    paths = outputs(root)
+    (paths["checkpoints"] / CK.FINAL).mkdir(parents=True)
+    (paths["checkpoints"] / CK.FINAL / "detkit.json").write_text('{"step": 1000}')
+    (paths["checkpoints"] / CK.INDEX).write_text('{"latest": "ckpt-0001000"}')
+    paths["log"].write_text("step,loss\n1000,0.1\n")
+    paths["val_log"].write_text("step,AP\n")
+    return paths
+
+
+class FailingWatcher(S.JobWatcher):
+    """The job ends Failed, as one whose training script raised."""
+
+    def wait(self, name, on_update):
+        state = {**super().wait(name, on_update), "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
+                 "FailureReason": "AlgorithmError: ExecuteUserScriptError: ResourceExhaustedError: OOM"}
+        on_update(state)
+        return state
+
+
+class InterruptedWatcher(S.JobWatcher):
+    """Ctrl-C while waiting; stop requests are recorded (moto has no stop_training_job)."""
+
+    stopped: list[str] = []
+
+    def wait(self, name, on_update):
+        raise KeyboardInterrupt
+
+    def stop(self, name):
+        self.stopped.append(name)
+
+
+def test_a_failed_job_fails_with_its_reason_and_leaves_the_previous_model(aws_clients, sample_records, tmp_path,
+                                                                          capsys):
+    cfg = load_config(overrides=[*QUICK, "compute=sagemaker"])
+    paths = previous_outputs(tmp_path / "previous")
+    before = tree_digest(tmp_path / "previous")
+    with pytest.raises(S.TrainingJobError, match=r"ended Failed: AlgorithmError: .*OOM\. .* is unchanged"):
+        S.run(cfg, {"records": sample_records}, paths, watcher=FailingWatcher)
+    assert tree_digest(tmp_path / "previous") == before
+    name = S.job_name(cfg.compute, CK.fingerprint(cfg, sample_records, None), 1)
+    assert f"train: job {name}: Failed" in capsys.readouterr().out
+    from mlflow.tracking import MlflowClient
+
+    (run_info,) = MlflowClient().search_runs(MlflowClient().search_experiments()[0].experiment_id)
+    assert run_info.info.status == "FAILED" and run_info.data.tags["sagemaker_job_name"] == name
+
+
+def test_ctrl_c_while_waiting_requests_a_stop_and_leaves_the_previous_model(aws_clients, sample_records, tmp_path,
+                                                                            capsys):
+    cfg = load_config(overrides=[*QUICK, "compute=sagemaker"])
+    paths = previous_outputs(tmp_path / "previous")
+    before = tree_digest(tmp_path / "previous")
+    InterruptedWatcher.stopped.clear()
+    with pytest.raises(KeyboardInterrupt):
+        S.run(cfg, {"records": sample_records}, paths, watcher=InterruptedWatcher)
+    name = S.job_name(cfg.compute, CK.fingerprint(cfg, sample_records, None), 1)
+    assert InterruptedWatcher.stopped == [name]
+    assert f"train: stop requested for job {name}" in capsys.readouterr().out
+    assert tree_digest(tmp_path / "previous") == before
+    assert not list((tmp_path / "previous").glob(".checkpoints.tmp-*"))
