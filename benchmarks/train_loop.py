@@ -51,7 +51,7 @@ def bare_fit(cfg, records: Path) -> float:
                               max_boxes=int(t.max_boxes), shuffle_buffer=int(t.shuffle_buffer), seed=int(t.seed),
                               deterministic=bool(t.deterministic))
     start = time.perf_counter()
-    detector.fit(dataset, epochs=1, steps_per_epoch=int(t.steps), verbose=0)
+    detector.fit(dataset, epochs=1, steps_per_epoch=int(t.steps), shuffle=False, verbose=0)
     return time.perf_counter() - start
 
 

@@ -15,7 +15,8 @@
    job's checkpoint folder when it (re)starts and syncs back while it runs: a spot interruption or
    a new attempt resumes from the newest checkpoint. The newest attempt decides what happens:
    Completed: its model is reused and no job starts (the weights depend on the fingerprint
-   only); InProgress or Stopping: it is waited for; none, Failed or Stopped: a new attempt.
+   only), unless that model.tar.gz is gone from S3; InProgress or Stopping: it is waited for;
+   none, Failed or Stopped: a new attempt.
 3. Creates the job (AWS's TensorFlow training image, ``training_image``) after printing the
    most it can cost; then prints its status changes until it ends. Ctrl-C asks SageMaker to stop it.
 4. On Completed, downloads ``model.tar.gz`` (written by ``detkit.training_contract`` in the job),
@@ -302,8 +303,8 @@ class StatusPrinter:
 
     def __call__(self, description: dict[str, Any]) -> None:
         status = description.get("SecondaryStatus") or description["TrainingJobStatus"]
-        transitions = description.get("SecondaryStatusTransitions") or [{}]
-        message = transitions[-1].get("StatusMessage", "")
+        message = next((t.get("StatusMessage", "") for t in reversed(description.get("SecondaryStatusTransitions", []))
+                        if t.get("Status") == status), "")
         now = time.monotonic()
         if (status, message) != self.last:
             self.last, self.printed = (status, message), now
@@ -319,7 +320,13 @@ def _wait(watcher: JobWatcher, name: str, c) -> dict[str, Any]:
     try:
         return watcher.wait(name, StatusPrinter(name, int(c.max_run_minutes)))
     except KeyboardInterrupt:
-        watcher.stop(name)
+        from botocore.exceptions import ClientError
+
+        try:
+            watcher.stop(name)
+        except ClientError as exc:  # e.g. it ended in the meantime
+            print(f"train: could not stop job {name}: {exc}", flush=True)
+            raise KeyboardInterrupt from exc
         print(f"train: stop requested for job {name}; its checkpoints stay in the checkpoint folder on S3, "
               "so the next run resumes from them", flush=True)
         raise
@@ -372,21 +379,21 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *,
     _check_settings(s3, c)
     fp = CK.fingerprint(cfg, records, pretrained)
     attempt, newest = newest_attempt(sagemaker, c, fp)
-    status = newest["TrainingJobStatus"] if newest else None
+    previous = _previous(s3, sagemaker, newest)
     checkpoints = Path(outputs["checkpoints"])
     with atomic_dir(checkpoints) as staging:  # replaces checkpoints only if everything below succeeds
         tracker = Tracker(cfg, staging / CK.RUN_FILE, resume=False, start_step=0)
         try:
-            if status in ("Completed", "InProgress", "Stopping"):
+            if previous:
                 name, arn = newest["TrainingJobName"], newest["TrainingJobArn"]
                 print(f"train: job {name} already trained these params and data: reusing its model, no new job"
-                      if status == "Completed" else
-                      f"train: job {name} is already training these params and data ({status}): waiting for it")
+                      if previous == "reuse" else f"train: job {name} is already training these params and data "
+                      f"({newest['TrainingJobStatus']}): waiting for it")
             else:
                 name = job_name(c, fp, attempt + 1)
                 arn = _start(s3, sagemaker, cfg, name, fp, records, pretrained, tracker.run_id)
             tracker.set_tags({"compute": "sagemaker", "sagemaker_job_name": name, "sagemaker_job_arn": arn})
-            description = (sagemaker.describe_training_job(TrainingJobName=name) if status == "Completed"
+            description = (sagemaker.describe_training_job(TrainingJobName=name) if previous == "reuse"
                            else _wait(watcher(sagemaker, int(c.poll_seconds)), name, c))
             if description["TrainingJobStatus"] != "Completed":
                 reason = description.get("FailureReason") or description.get("SecondaryStatus", "")
@@ -411,7 +418,24 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *,
              if billed is not None and hourly is not None else ""))
     return {"model": cfg.model.name, "steps": int(cfg.train.steps), "chief": True, "final": str(checkpoints / CK.FINAL),
             "final_loss": rows[-1]["loss"] if rows else None, "mlflow_run_id": tracker.run_id, "job_name": name,
-            "job_arn": arn, "reused": status == "Completed", **seconds}
+            "job_arn": arn, "reused": previous == "reuse", **seconds}
+
+
+def _previous(s3, sagemaker, newest: dict[str, Any] | None) -> str | None:
+    """What the newest attempt leaves to do: "reuse" its model (Completed, the model still in S3),
+    "wait" for it (still running), or None: start a new attempt."""
+    if newest is None:
+        return None
+    name, status = newest["TrainingJobName"], newest["TrainingJobStatus"]
+    if status in ("InProgress", "Stopping"):
+        return "wait"
+    if status == "Completed":
+        uri = sagemaker.describe_training_job(TrainingJobName=name)["ModelArtifacts"]["S3ModelArtifacts"]
+        bucket, key = aws.split_s3_uri(uri)
+        if aws.unless_missing(s3.head_object, "404", Bucket=bucket, Key=key) is not None:
+            return "reuse"
+        print(f"train: job {name} completed, but its model {uri} is no longer in S3: starting a new attempt")
+    return None
 
 
 def _start(s3, sagemaker, cfg, name: str, fp: str, records: Path, pretrained: Path | None, run_id: str) -> str:
@@ -429,6 +453,5 @@ def _start(s3, sagemaker, cfg, name: str, fp: str, records: Path, pretrained: Pa
     except ClientError as exc:
         raise TrainingJobError(f"SageMaker refused job {name}: {exc}") from exc
     print(f"train: started job {name} on {c.instance_count} x {c.instance_type}{' (spot)' if c.spot else ''}, "
-          f"image {training_image(c)}; it resumes from {checkpoint_uri(c, fp)} where that holds checkpoints",
-          flush=True)
+          f"image {training_image(c)}, checkpoints in {checkpoint_uri(c, fp)}", flush=True)
     return arn

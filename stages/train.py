@@ -350,17 +350,19 @@ def main(argv: Iterable[str] | None = None) -> int:
     from detkit.config import ConfigError, load_config
     from detkit.data import DataError
     from detkit.model import ModelError
+    from detkit.sagemaker_training import TrainingJobError
 
-    errors = (ModelError, DataError, TrainError, CK.CheckpointError)
-    contract = training_contract.from_environment()
-    if contract is not None:  # inside a SageMaker Training job: its contract names the paths and params
-        try:
+    errors = (ModelError, DataError, TrainError, CK.CheckpointError, TrainingJobError,
+              training_contract.ContractError)
+    try:
+        contract = training_contract.from_environment()
+        if contract is not None:  # inside a SageMaker Training job: its contract names the paths and params
             cfg = load_config(contract.params, overrides=contract.overrides)
             contract.publish(run(cfg, contract.inputs, contract.outputs, track=False))
-        except (ConfigError, *errors) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        return 0
+            return 0
+    except (ConfigError, *errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser = stage_parser("stages.train", __doc__)
     parser.add_argument("--records", type=Path, required=True, help="tfrecord stage output")
     parser.add_argument("--pretrained", type=Path, default=None, help="pretrained stage output (builder 'preset')")

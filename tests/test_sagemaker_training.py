@@ -212,6 +212,14 @@ def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_w
     assert len(sagemaker.list_training_jobs()["TrainingJobSummaries"]) == 2
     assert (tmp_path / "again" / "checkpoints" / CK.FINAL / "detkit.json").is_file()
 
+    # Its model deleted from S3: a new attempt of the same training (same checkpoint folder).
+    s3.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/jobs/{name}/output/model.tar.gz")
+    name_2 = S.job_name(cfg.compute, fp, 2)
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/jobs/{name_2}/output/model.tar.gz", Body=artifact)
+    retrained = S.run(cfg, {"records": records}, outputs(tmp_path / "again"))
+    assert not retrained["reused"] and retrained["job_name"] == name_2
+    assert sagemaker.describe_training_job(TrainingJobName=name_2)["CheckpointConfig"] == job["CheckpointConfig"]
+
 
 # ---------------------------------------------------------------------------- through the seam
 
