@@ -18,7 +18,10 @@
    only), unless that model.tar.gz is gone from S3; InProgress or Stopping: it is waited for;
    none, Failed or Stopped: a new attempt.
 3. Creates the job (AWS's TensorFlow training image, ``training_image``) after printing the
-   most it can cost; then prints its status changes until it ends. Ctrl-C asks SageMaker to stop it.
+   most it can cost, with ``METRIC_DEFINITIONS`` so that SageMaker charts val AP, AP50 and the loss
+   from the stage's lines. Then, until it ends, prints its status changes and what the train stage
+   in it prints (``train: ...`` lines, read from its CloudWatch Logs; of the progress bar, its
+   newest state). Ctrl-C asks SageMaker to stop it.
 4. On Completed, downloads ``model.tar.gz`` (written by ``detkit.training_contract`` in the job),
    extracts it next to ``outputs["checkpoints"]`` and swaps it in whole: ``models/checkpoints/``
    is then exactly what a local run leaves (``final/``, ``checkpoint.json``, the newest
@@ -30,8 +33,9 @@ The MLflow run is made here, as for a local run (the job itself tracks nothing),
 job's name and ARN; the job gets its id as ``DETKIT_MLFLOW_RUN_ID``. After landing, the logs'
 rows are logged to it and ``final/`` is its artifact.
 
-``JobWatcher`` is the one seam around waiting for and stopping a job: moto, which the tests run
-against, completes a job when it is created and has no ``stop_training_job``.
+``JobWatcher`` is the one seam around a running job (its status, its logs, stopping it): moto,
+which the tests run against, completes a job when it is created, never logs, and has no
+``stop_training_job``.
 """
 
 from __future__ import annotations
@@ -57,7 +61,22 @@ from detkit.training_contract import CHECKPOINTS, ENTRY_POINT, SAGEMAKER_BASE, h
 
 RUN_ID_ENV = "DETKIT_MLFLOW_RUN_ID"
 ENDED = ("Completed", "Failed", "Stopped")
-HEARTBEAT_SECONDS = 600  # a "still running" line this often when nothing else changes
+HEARTBEAT_SECONDS = 600  # a "still running" line this often when nothing else is printed
+LOG_GROUP = "/aws/sagemaker/TrainingJobs"  # SageMaker's: one stream per instance and start, <job>/algo-<n>-<epoch>
+CHIEF_HOST = "algo-1"  # the first instance: the chief, the one that draws the bar and evaluates
+# The train stage's tqdm bar (desc "train", unit "step", postfix loss and lr; stages/train.py), e.g.
+# "train:  50%|#####     | 500/1000 [04:10<04:10,  2.00step/s, loss=0.734, lr=1.00e-03]".
+BAR_START = re.compile(r"train: +\d+%\|")  # enough to tell a state, whole or cut where a long log line was split
+BAR_HEAD = BAR_START.pattern + r"[^|]*\| *"
+BAR = re.compile(BAR_HEAD + r"(?P<step>\d+)/(?P<steps>\d+) \[(?P<elapsed>[^<\]]*)<(?P<left>[^,\]]*)(?P<rest>[^\]]*)\]")
+LOSS = re.compile(r", loss=([0-9.]+)")
+# What SageMaker charts from the job's log lines (one capture group each): the stage's evaluation
+# line, "train: step 500: val AP 0.412  AP50 0.733", and its bar's loss.
+METRIC_DEFINITIONS = [
+    {"Name": "val:AP", "Regex": r"train: step \d+: val AP ([0-9.]+)"},
+    {"Name": "val:AP50", "Regex": r"train: step \d+: val AP [0-9.]+  AP50 ([0-9.]+)"},
+    {"Name": "train:loss", "Regex": BAR_HEAD + r"\d+/\d+ \[[^\]]*" + LOSS.pattern},
+]
 # AWS Deep Learning Containers, TensorFlow 2.21.0 training for SageMaker (the pin in requirements.txt):
 # tags and registry accounts as aws/deep-learning-containers documents them.
 DLC_TAGS = {"gpu": "2.21.0-gpu-py312-cu129-amzn2023-sagemaker", "cpu": "2.21.0-cpu-py312-amzn2023-sagemaker"}
@@ -247,7 +266,8 @@ def job_request(cfg, name: str, fp: str, channels: dict[str, str], code_uri: str
     return {
         "TrainingJobName": name,
         "RoleArn": c.role_arn,
-        "AlgorithmSpecification": {"TrainingImage": training_image(c), "TrainingInputMode": "File"},
+        "AlgorithmSpecification": {"TrainingImage": training_image(c), "TrainingInputMode": "File",
+                                   "MetricDefinitions": METRIC_DEFINITIONS},
         "HyperParameters": hps,
         "InputDataConfig": [{"ChannelName": channel, "InputMode": "File", "DataSource": {"S3DataSource": {
             "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
@@ -274,46 +294,108 @@ def newest_attempt(sagemaker, c, fp: str) -> tuple[int, dict[str, Any] | None]:
 
 
 class JobWatcher:
-    """Wait for a training job to end, and stop one: the calls moto cannot emulate."""
+    """A running job's status, new log lines and stop: the calls moto cannot emulate."""
 
-    def __init__(self, sagemaker, poll_seconds: int):
-        self.sagemaker = sagemaker
+    def __init__(self, sagemaker, logs, poll_seconds: int):
+        self.sagemaker, self.logs = sagemaker, logs
         self.poll_seconds = poll_seconds
+        self.tokens: dict[str, str] = {}  # per log stream: where the next read starts
+        self.tail = True
 
-    def wait(self, name: str, on_update: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        """Describe the job every ``poll_seconds`` until it has ended; its last description."""
+    def wait(self, name: str, on_update: Callable[[dict[str, Any], list[str]], None]) -> dict[str, Any]:
+        """Every ``poll_seconds`` until the job has ended: its new log lines, then its description (so
+        the lines come before the status they led to), to ``on_update``. Its last description."""
         while True:
-            description = self.sagemaker.describe_training_job(TrainingJobName=name)
-            on_update(description)
+            lines = self.new_log_lines(name)
+            description = self.describe(name)
+            on_update(description, lines)
             if description["TrainingJobStatus"] in ENDED:
                 return description
             time.sleep(self.poll_seconds)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        return self.sagemaker.describe_training_job(TrainingJobName=name)
+
+    def new_log_lines(self, name: str) -> list[str]:
+        """The CloudWatch events the chief logged since the last call, oldest first (its streams in name
+        order: a spot restart starts a new one); none before SageMaker has made them."""
+        from botocore.exceptions import ClientError
+
+        if not self.tail:
+            return []
+        try:
+            pages = self.logs.get_paginator("describe_log_streams").paginate(
+                logGroupName=LOG_GROUP, logStreamNamePrefix=f"{name}/{CHIEF_HOST}-")
+            return [line for page in pages for stream in page["logStreams"]
+                    for line in self._new_events(stream["logStreamName"])]
+        except ClientError as exc:
+            if aws.error_code(exc) == "ResourceNotFoundException":
+                return []
+            # e.g. no logs:GetLogEvents: failing here would leave the job running, unwatched.
+            self.tail = False
+            print(f"train: cannot read the job's logs in {LOG_GROUP} ({exc}); printing its status only", flush=True)
+            return []
+
+    def _new_events(self, stream: str) -> list[str]:
+        lines = []
+        while True:
+            token = self.tokens.get(stream)
+            page = self.logs.get_log_events(logGroupName=LOG_GROUP, logStreamName=stream, startFromHead=True,
+                                            **({"nextToken": token} if token else {}))
+            self.tokens[stream] = page["nextForwardToken"]
+            lines += [event["message"] for event in page["events"]]
+            if not page["events"] or page["nextForwardToken"] == token:
+                return lines
 
     def stop(self, name: str) -> None:
         self.sagemaker.stop_training_job(TrainingJobName=name)
 
 
 class StatusPrinter:
-    """One line per status change (SageMaker's secondary status and its message), and a heartbeat."""
+    """While the job runs: the train stage's own lines from its logs (those starting ``train:``; of its
+    progress bar, the newest state of each poll, condensed), one line per status change (SageMaker's
+    secondary status and its message), and a heartbeat when nothing else is printed."""
 
     def __init__(self, name: str, max_run_minutes: int):
         self.name, self.max_run_minutes = name, max_run_minutes
         self.last: tuple[str, str] | None = None
         self.printed = 0.0
+        self.step: str | None = None  # of the bar state printed last
 
-    def __call__(self, description: dict[str, Any]) -> None:
+    def __call__(self, description: dict[str, Any], log_lines: list[str]) -> None:
+        lines = self.stage_lines(log_lines)
         status = description.get("SecondaryStatus") or description["TrainingJobStatus"]
         message = next((t.get("StatusMessage", "") for t in reversed(description.get("SecondaryStatusTransitions", []))
                         if t.get("Status") == status), "")
-        now = time.monotonic()
         if (status, message) != self.last:
-            self.last, self.printed = (status, message), now
-            print(f"train: job {self.name}: {status}" + (f": {message}" if message else ""), flush=True)
+            self.last = (status, message)
+            lines.append(f"train: job {self.name}: {status}" + (f": {message}" if message else ""))
+        now = time.monotonic()
+        if lines:
+            self.printed = now
+            print("\n".join(lines), flush=True)
         elif now - self.printed >= HEARTBEAT_SECONDS:
             self.printed = now
             minutes = (datetime.now(UTC) - description["CreationTime"]).total_seconds() / 60
             print(f"train: job {self.name}: still {status}, {minutes:.0f} min since it was created "
                   f"(training stops at {self.max_run_minutes} min)", flush=True)
+
+    def stage_lines(self, events: list[str]) -> list[str]:
+        """The ``train:`` lines of ``events``. A bar redraws itself after a carriage return, so an
+        event holds many of its states: only the newest whole one is kept, where it was, as a step line."""
+        lines = [part.strip() for event in events for part in re.split(r"[\r\n]", event)]
+        lines = [line for line in lines if line.startswith("train:")]
+        newest_bar = max((i for i, line in enumerate(lines) if BAR.match(line)), default=None)
+        shown = []
+        for i, line in enumerate(lines):
+            if not BAR_START.match(line):
+                shown.append(line)
+            elif i == newest_bar and (bar := BAR.match(line))["step"] != self.step:
+                self.step = bar["step"]
+                loss = LOSS.search(bar["rest"])
+                shown.append(f"train: step {bar['step']}/{bar['steps']}" + (f", loss {loss[1]}" if loss else "")
+                             + (f" ({bar['elapsed']} elapsed, {bar['left']} left)" if bar["left"] != "?" else ""))
+        return shown
 
 
 def _wait(watcher: JobWatcher, name: str, c) -> dict[str, Any]:
@@ -375,7 +457,7 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *,
     c = cfg.compute
     records = Path(inputs["records"])
     pretrained = Path(inputs["pretrained"]) if cfg.model.builder == "preset" else None
-    s3, sagemaker = aws.clients(c.region, "s3", "sagemaker")
+    s3, sagemaker, logs = aws.clients(c.region, "s3", "sagemaker", "logs")
     _check_settings(s3, c)
     fp = CK.fingerprint(cfg, records, pretrained)
     attempt, newest = newest_attempt(sagemaker, c, fp)
@@ -394,7 +476,7 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *,
                 arn = _start(s3, sagemaker, cfg, name, fp, records, pretrained, tracker.run_id)
             tracker.set_tags({"compute": "sagemaker", "sagemaker_job_name": name, "sagemaker_job_arn": arn})
             description = (sagemaker.describe_training_job(TrainingJobName=name) if previous == "reuse"
-                           else _wait(watcher(sagemaker, int(c.poll_seconds)), name, c))
+                           else _wait(watcher(sagemaker, logs, int(c.poll_seconds)), name, c))
             if description["TrainingJobStatus"] != "Completed":
                 reason = description.get("FailureReason") or description.get("SecondaryStatus", "")
                 raise TrainingJobError(

@@ -39,6 +39,10 @@ def test_demo_leaves_plots_samples_and_an_experiment(demo_repo):
         val = list(csv.DictReader(f))
     assert [int(r["step"]) for r in val] == [250, 500, 750, 1000]  # train.eval_every
     assert float(val[-1]["AP50"]) > float(val[0]["AP50"])
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], demo_repo).stdout)["data"]
+    drawn = plots["val AP50 during training"][0]["content"]["data"]["values"]
+    assert [(int(p["step"]), float(p["dvc_inferred_y_value"])) for p in drawn if p["field"] == "AP50"] == [
+        (int(r["step"]), float(r["AP50"])) for r in val]
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"]) / 3
     curve = json.loads((demo_repo / "plots" / "pr_curve.json").read_text())
     assert len(curve) == 101 and curve[0]["precision"] >= curve[-1]["precision"]

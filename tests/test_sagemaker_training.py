@@ -4,22 +4,27 @@ moto completes a training job the moment it is created and never runs it, so eac
 model.tar.gz is made beforehand the way the job makes it: the code archive the runner uploads,
 extracted as SageMaker's toolkit extracts it, its entry point run under the simulated training
 contract of tests/test_training_contract.py, and the model folder tarred; then it is put where
-SageMaker writes it (``<S3OutputPath>/<job name>/output/model.tar.gz``). moto also has no
-``stop_training_job``, and its jobs never fail: both go through the module's one seam,
-``JobWatcher``, subclassed here."""
+SageMaker writes it (``<S3OutputPath>/<job name>/output/model.tar.gz``), and what that run printed
+is put into moto's CloudWatch Logs as SageMaker's log agent sends a job's output. moto also has
+no ``stop_training_job``, and its jobs never fail or train for a while: both go through the
+module's one seam, ``JobWatcher``, subclassed here."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
+import re
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 import requests
 from moto.server import ThreadedMotoServer
+from tqdm import tqdm
 
 from detkit import aws
 from detkit import checkpoints as CK
@@ -63,8 +68,9 @@ def aws_clients(moto_url, tmp_path, monkeypatch):
     return s3, sagemaker
 
 
-def job_artifact(root: Path, cfg, records: Path, scratch: Path) -> bytes:
-    """model.tar.gz of the job the runner starts for ``cfg`` from the repository at ``root``."""
+def job_artifact(root: Path, cfg, records: Path, scratch: Path) -> tuple[bytes, list[str]]:
+    """model.tar.gz of the job the runner starts for ``cfg`` from the repository at ``root``, and the
+    lines the job's training printed (the docker log driver splits at newlines only)."""
     base = scratch / "opt" / "ml"
     code = base / "code"
     with tarfile.open(fileobj=io.BytesIO(S.source_archive(root))) as tar:
@@ -75,7 +81,21 @@ def job_artifact(root: Path, cfg, records: Path, scratch: Path) -> bytes:
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:  # SageMaker tars the model folder's contents
         for path in sorted((base / "model").iterdir()):
             tar.add(path, arcname=path.name)
-    return buffer.getvalue()
+    return buffer.getvalue(), [line for line in (result.stdout + result.stderr).split("\n") if line]
+
+
+def log_job_output(name: str, lines: list[str], stream: str = "algo-1-1700000000") -> None:
+    """``lines`` into the job's log stream ``<job name>/<stream>``, one event each, as SageMaker sends them."""
+    (logs,) = aws.clients(REGION, "logs")
+    if not logs.describe_log_groups(logGroupNamePrefix=S.LOG_GROUP)["logGroups"]:
+        logs.create_log_group(logGroupName=S.LOG_GROUP)
+    full = f"{name}/{stream}"
+    if not logs.describe_log_streams(logGroupName=S.LOG_GROUP, logStreamNamePrefix=full)["logStreams"]:
+        logs.create_log_stream(logGroupName=S.LOG_GROUP, logStreamName=full)
+    if lines:
+        now = int(time.time() * 1000)
+        logs.put_log_events(logGroupName=S.LOG_GROUP, logStreamName=full,
+                            logEvents=[{"timestamp": now, "message": line} for line in lines])
 
 
 def put_artifact(s3, cfg, fp: str, data: bytes) -> str:
@@ -143,20 +163,25 @@ def test_without_a_role_the_stage_says_how_to_set_it(aws_clients, monkeypatch, s
 
 
 @pytest.mark.slow
-def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_what_lands(aws_clients, tmp_path):
+def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_what_lands(aws_clients, tmp_path,
+                                                                                          monkeypatch):
     s3, sagemaker = aws_clients
     repo = quick_copy(tmp_path / "repo")
     run(["dvc", "repro", "tfrecord"], repo)
     records = repo / "data" / "records"
     cfg = load_config(repo / "params.yaml", overrides=["compute=sagemaker"])  # what the experiment composes
     fp = CK.fingerprint(cfg, records, None)
-    artifact = job_artifact(repo, cfg, records, tmp_path / "job1")
+    artifact, printed = job_artifact(repo, cfg, records, tmp_path / "job1")
     name = put_artifact(s3, cfg, fp, artifact)
+    log_job_output(name, printed)
 
     first = run(["dvc", "exp", "run", "-n", "on-sagemaker", "-S", "compute=sagemaker", "eval"], repo)
     out = first.stdout
     assert "train: uploaded data/records (" in out and "train: uploaded the code" in out, out
     assert "train: cost: at most $16.90" in out and f"train: started job {name} on 1 x ml.g5.xlarge (spot)" in out
+    # What the job printed, from its logs, before its last status: its own lines and its bar's last state.
+    waited = out[out.index("train: started job"):out.index(f"train: job {name}: Completed")].splitlines()
+    assert "train: 6 steps (from 0) in " in out and re.fullmatch(r"train: step 6/6, loss [0-9.]+ \(.*\)", waited[-1])
     job = sagemaker.describe_training_job(TrainingJobName=name)
     assert job["AlgorithmSpecification"]["TrainingImage"] == GPU_IMAGE
     assert job["AlgorithmSpecification"]["TrainingInputMode"] == "File"
@@ -196,12 +221,16 @@ def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_w
                                                                                       "train_log.csv"))
 
     # Another train param, the same records: a new job, no records uploaded.
-    cfg2 = load_config(repo / "params.yaml", overrides=["train.learning_rate=0.004"])
+    # It evaluates every 3 steps: its val lines come through the logs.
+    cfg2 = load_config(repo / "params.yaml", overrides=["train.learning_rate=0.004", "train.eval_every=3"])
     fp2 = CK.fingerprint(cfg2, records, None)
-    name2 = put_artifact(s3, cfg2, fp2, job_artifact(repo, cfg2, records, tmp_path / "job2"))
+    artifact2, printed2 = job_artifact(repo, cfg2, records, tmp_path / "job2")
+    name2 = put_artifact(s3, cfg2, fp2, artifact2)
+    log_job_output(name2, printed2)
     second = run(["dvc", "exp", "run", "-n", "lr-on-sagemaker", "-S", "compute=sagemaker",
-                  "-S", "train.learning_rate=0.004", "eval"], repo)
+                  "-S", "train.learning_rate=0.004", "-S", "train.eval_every=3", "eval"], repo)
     assert "train: data/records is already in " in second.stdout and "uploaded data/records" not in second.stdout
+    assert re.search(r"^train: step 3: val AP [0-9.]+  AP50 [0-9.]+", second.stdout, re.M), second.stdout
     assert f"train: started job {name2} " in second.stdout
     job2 = sagemaker.describe_training_job(TrainingJobName=name2)
     assert job2["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == records_uri
@@ -216,9 +245,30 @@ def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_w
     s3.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/jobs/{name}/output/model.tar.gz")
     name_2 = S.job_name(cfg.compute, fp, 2)
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/jobs/{name_2}/output/model.tar.gz", Body=artifact)
+    # moto describes a job with MetricDefinitions of its own: what is sent is read off the request.
+    sent = []
+
+    def recording(region, session=aws.session):
+        made = session(region)
+        made.events.register("provide-client-params.sagemaker.CreateTrainingJob",
+                             lambda params, **_: sent.append(params))
+        return made
+
+    monkeypatch.setattr(aws, "session", recording)
     retrained = S.run(cfg, {"records": records}, outputs(tmp_path / "again"))
     assert not retrained["reused"] and retrained["job_name"] == name_2
     assert sagemaker.describe_training_job(TrainingJobName=name_2)["CheckpointConfig"] == job["CheckpointConfig"]
+    # What SageMaker charts from those definitions and a job's log lines: the stage's own logs.
+    (request,) = sent
+    log = "\n".join(printed2)
+    charted = {d["Name"]: re.findall(d["Regex"], log) for d in request["AlgorithmSpecification"]["MetricDefinitions"]}
+    with tarfile.open(fileobj=io.BytesIO(artifact2)) as tar:
+        rows = list(csv.DictReader(io.TextIOWrapper(tar.extractfile(CK.TRAIN_LOG))))
+        val_rows = list(csv.DictReader(io.TextIOWrapper(tar.extractfile(CK.VAL_LOG))))
+    assert charted["val:AP"] == [f"{float(r['AP']):.3f}" for r in val_rows] and len(val_rows) == 2
+    assert charted["val:AP50"] == [f"{float(r['AP50']):.3f}" for r in val_rows]
+    losses = [loss for i, loss in enumerate(charted["train:loss"]) if i == 0 or loss != charted["train:loss"][i - 1]]
+    assert losses == [f"{float(r['loss']):.3f}" for r in rows] and rows  # each redraw of the bar repeats it
 
 
 # ---------------------------------------------------------------------------- through the seam
@@ -240,13 +290,51 @@ def previous_outputs(root: Path) -> dict[str, Path]:
 
 
 class FailingWatcher(S.JobWatcher):
-    """The job ends Failed, as one whose training script raised."""
+    """The job trains for one poll per batch in ``logged``, logging it, then ends Failed, as one whose
+    training script raised."""
 
-    def wait(self, name, on_update):
-        state = {**super().wait(name, on_update), "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
-                 "FailureReason": "AlgorithmError: ExecuteUserScriptError: ResourceExhaustedError: OOM"}
-        on_update(state)
-        return state
+    logged: tuple[list[str], ...] = ()
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.polls = 0
+
+    def describe(self, name):
+        description = super().describe(name)
+        if self.polls < len(self.logged):
+            log_job_output(name, self.logged[self.polls])
+            self.polls += 1
+            return {**description, "TrainingJobStatus": "InProgress", "SecondaryStatus": "Training"}
+        return {**description, "TrainingJobStatus": "Failed", "SecondaryStatus": "Failed",
+                "FailureReason": "AlgorithmError: ExecuteUserScriptError: ResourceExhaustedError: OOM"}
+
+
+def stage_logs() -> tuple[list[str], ...]:
+    """Three polls' worth of what the train stage logs, resumed at step 300 of 1000: its own lines,
+    TensorFlow's, and its tqdm bar, made as stages/train.py makes it; a bar's states reach CloudWatch
+    joined by carriage returns, in one event."""
+    drawn = io.StringIO()
+    bar = tqdm(total=1000, initial=300, desc="train", unit="step", dynamic_ncols=True, file=drawn)
+
+    def states(steps: int, loss: str) -> str:
+        for _ in range(steps // 100):
+            bar.update(100)
+            bar.set_postfix(loss=loss, lr="1.00e-03")
+        bar.refresh()
+        text = drawn.getvalue()
+        drawn.seek(0)
+        drawn.truncate()
+        return text
+
+    return ([f"train: resuming from {T.SAGEMAKER_BASE}/{T.CHECKPOINTS}/ckpt-0000300 (step 300 of 1000)",
+             "W0000 00:00:00.000000 42 cuda_dnn.cc:8579] a TensorFlow warning",
+             states(200, "0.734"), "train: step 500: val AP 0.412  AP50 0.733  (best so far)", states(100, "0.701")],
+            [states(200, "0.650"), "\rtrain:  80%|########  | 800/10"],  # cut where a long line was split
+            ["train: step 800: val AP 0.398  AP50 0.720", states(0, "0.650")])
+
+
+class TrainingWatcher(FailingWatcher):
+    logged = stage_logs()
 
 
 class InterruptedWatcher(S.JobWatcher):
@@ -254,7 +342,7 @@ class InterruptedWatcher(S.JobWatcher):
 
     stopped: list[str] = []
 
-    def wait(self, name, on_update):
+    def describe(self, name):
         raise KeyboardInterrupt
 
     def stop(self, name):
@@ -275,6 +363,25 @@ def test_a_failed_job_fails_with_its_reason_and_leaves_the_previous_model(aws_cl
 
     (run_info,) = MlflowClient().search_runs(MlflowClient().search_experiments()[0].experiment_id)
     assert run_info.info.status == "FAILED" and run_info.data.tags["sagemaker_job_name"] == name
+
+
+def test_while_waiting_the_stage_prints_the_jobs_status_and_its_own_lines_from_the_logs(aws_clients, sample_records,
+                                                                                     tmp_path, capsys):
+    cfg = load_config(overrides=[*QUICK, "compute=sagemaker", "compute.poll_seconds=1"])
+    with pytest.raises(S.TrainingJobError, match="ended Failed"):
+        S.run(cfg, {"records": sample_records}, outputs(tmp_path), watcher=TrainingWatcher)
+    name = S.job_name(cfg.compute, CK.fingerprint(cfg, sample_records, None), 1)
+    out = capsys.readouterr().out
+    waited = out[out.index("train: started job"):].splitlines()[1:]
+    timing = r" \(\d\d:\d\d elapsed, \d\d:\d\d left\)"
+    expected = [re.escape(f"train: job {name}: Training"),  # the first poll: no logs yet
+                re.escape(f"train: resuming from {T.SAGEMAKER_BASE}/{T.CHECKPOINTS}/ckpt-0000300 (step 300 of 1000)"),
+                re.escape("train: step 500: val AP 0.412  AP50 0.733  (best so far)"),
+                r"train: step 600/1000, loss 0\.701" + timing,  # of 400, 500 and 600: the newest
+                r"train: step 800/1000, loss 0\.650" + timing,
+                re.escape("train: step 800: val AP 0.398  AP50 0.720"),  # the bar redrawn at 800: not again
+                re.escape(f"train: job {name}: Failed")]
+    assert len(waited) == len(expected) and all(map(re.fullmatch, expected, waited)), "\n".join(waited)
 
 
 def test_ctrl_c_while_waiting_requests_a_stop_and_leaves_the_previous_model(aws_clients, sample_records, tmp_path,
