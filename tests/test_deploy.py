@@ -10,12 +10,12 @@ import shutil
 
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
 
 from detkit import deploy
 from detkit.config import load_config
 from detkit.labelmap import read_label_map
 from detkit.predict import request_body
+from tests.moto_server import moto_server
 from tests.repo_copy import make
 
 pytestmark = pytest.mark.slow
@@ -73,17 +73,8 @@ class MotoEndpointSwitch(deploy.EndpointSwitch):
 
 @pytest.fixture(scope="module")
 def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": REGION,
-                           "AWS_DEFAULT_REGION": REGION, "SAGEMAKER_ROLE_ARN": ROLE}.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server({"AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "SAGEMAKER_ROLE_ARN": ROLE}) as url:
+        yield url
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 from ruamel.yaml import YAML
 
+from tests.moto_server import moto_server
 from tests.repo_copy import run
 from tests.test_dvc_pipeline import quick_copy
 
@@ -30,19 +30,10 @@ REGION = "us-east-1"
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 on 127.0.0.1; DVC finds the credentials in the environment, as boto3 does."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": REGION}.items():
-            mp.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(key, raising=False)
+    with moto_server({"AWS_DEFAULT_REGION": REGION}, unset=("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"),
+                     endpoint_env=False) as url:
         boto3.client("s3", endpoint_url=url, region_name=REGION).create_bucket(Bucket=BUCKET)
         yield url
-    server.stop()
 
 
 def lock_outs(root: Path) -> list[str]:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from moto.server import ThreadedMotoServer
 from tqdm import tqdm
 
 from detkit import aws
@@ -31,6 +30,7 @@ from detkit import checkpoints as CK
 from detkit import sagemaker_training as S
 from detkit import training_contract as T
 from detkit.config import ConfigError, load_config
+from tests.moto_server import moto_server
 from tests.repo_copy import REPO_ROOT, run
 from tests.test_dvc_pipeline import quick_copy
 from tests.test_training_contract import QUICK, job_environment, run_in_job
@@ -44,18 +44,9 @@ GPU_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/tensorflow-training:2.
 
 @pytest.fixture(scope="module")
 def moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": REGION,
-                           "AWS_DEFAULT_REGION": REGION, "SAGEMAKER_ROLE_ARN": ROLE,
-                           "SAGEMAKER_BUCKET": BUCKET}.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server({"AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "SAGEMAKER_ROLE_ARN": ROLE,
+                      "SAGEMAKER_BUCKET": BUCKET}) as url:
+        yield url
 
 
 @pytest.fixture
