@@ -8,10 +8,10 @@ precision and all GPUs by default; more than one machine with ``TF_CONFIG``). Wi
 ``compute: sagemaker`` the same training runs as a SageMaker Training job
 (``detkit.sagemaker_training``) and lands the same outputs here.
 
-The loop runs ``train.log_every`` steps on the device per host round trip (Keras
-``steps_per_execution``, on one device; under a distribution strategy Keras runs one step per
-call), fewer where ``checkpoint_every``, ``eval_every`` or ``steps`` need a stop (their
-greatest common divisor). At each stop it appends a row to ``--log`` (CSV
+The loop stops every ``train.log_every`` steps (one Keras epoch each; more often where
+``checkpoint_every``, ``eval_every`` or ``steps`` need a stop: their greatest common divisor),
+so the stage's own work (log row, progress, MLflow) runs once per stop, not per step. At each
+stop it appends a row to ``--log`` (CSV
 ``step,loss,box_loss,class_loss,learning_rate``: the mean losses of the steps since the last
 row, ``loss`` = ``box_loss + train.class_loss_weight * class_loss``, and the rate of the row's
 step); every ``train.checkpoint_every`` steps and at the end it writes a checkpoint
@@ -81,7 +81,7 @@ def make_optimizer(t, schedule):
 
 
 def stop_interval(t, start: int) -> int:
-    """Steps per host round trip: ``log_every``, or fewer so that every save, eval and the end is a stop."""
+    """Steps between stops: ``log_every``, or fewer so that every save, eval and the end is a stop."""
     return math.gcd(int(t.log_every), int(t.checkpoint_every), int(t.eval_every), int(t.steps), start)
 
 
@@ -144,10 +144,9 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *, tracking_uri:
     interval = stop_interval(t, start)
     with plan.strategy.scope():
         detector = M.build_detector(cfg.model, len(label_map), pretrained)
-        # Keras' multi-step loop fails under tf.distribute strategies (keras 3.15): one step per call there.
-        detector.compile(optimizer=make_optimizer(t, schedule),
-                         steps_per_execution=interval if plan.kind == "none" else 1,
-                         jit_compile=plan.jit_compile,
+        # One step per call (Keras' default): its multi-step loop (steps_per_execution) made a CPU step
+        # 1.8x slower in benchmarks/train_loop.py and fails under tf.distribute strategies (keras 3.15).
+        detector.compile(optimizer=make_optimizer(t, schedule), jit_compile=plan.jit_compile,
                          loss_weights={"bbox_regression": 1.0, "cls_logits": float(t.class_loss_weight)})
         if index:
             CK.restore(checkpoints / index["latest"], detector, start)
