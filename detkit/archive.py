@@ -24,7 +24,7 @@ import requests
 from tqdm import tqdm
 from urllib3.exceptions import ProtocolError
 
-from detkit.config import repo_root
+from detkit.config import workspace_root
 
 # (connect, read) seconds: a read timeout bounds the silence between two chunks, not
 # the whole transfer, so large files on slow links still finish.
@@ -170,7 +170,7 @@ def _local_path(url: str) -> Path:
         path = Path(url)
     else:
         raise DownloadError(f"unsupported URL scheme '{parsed.scheme}' (use http, https, file)")
-    return path if path.is_absolute() else repo_root() / path
+    return path if path.is_absolute() else workspace_root() / path
 
 
 def _transfer(url: str, part: Path, size: int | None, timeout: tuple[float, float], label: str) -> tuple[int, str]:

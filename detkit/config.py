@@ -250,8 +250,17 @@ EXTRA_SIGNATURES = ("image_tensor", "tf_example")
 
 
 def repo_root() -> Path:
-    """The repository root: DVC exports DVC_ROOT to stage commands; otherwise the cwd."""
+    """The user's repository, where shared state lives (the MLflow store): DVC exports DVC_ROOT to
+    stage commands, and for queued and --temp experiments points it at this repository, not at the
+    executor's copy the stage runs in; otherwise the cwd."""
     return Path(os.environ.get("DVC_ROOT", ".")).resolve()
+
+
+def workspace_root() -> Path:
+    """The tree a stage reads params.yaml and conf/ from and writes its outputs in. DVC starts each
+    stage command (DVC_STAGE set) in dvc.yaml's folder: the workspace, or a queued or --temp
+    experiment's copy under .dvc/tmp/exps; outside DVC, ``repo_root()``."""
+    return Path.cwd().resolve() if "DVC_STAGE" in os.environ else repo_root()
 
 
 def closest(word: str, choices: list[str]) -> str:
@@ -302,7 +311,7 @@ def load_config(
     ``model.image_size=256``), ``+a.b=c`` adds one. Relative paths are taken from the
     repository root, so stages work from any cwd.
     """
-    root = repo_root()
+    root = workspace_root()
     params_path = root / params
     conf_path = root / conf_dir
     if not params_path.is_file():

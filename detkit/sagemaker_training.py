@@ -55,7 +55,7 @@ from typing import Any
 
 from detkit import aws
 from detkit import checkpoints as CK
-from detkit.config import ConfigError, repo_root
+from detkit.config import ConfigError, workspace_root
 from detkit.fsio import atomic_dir, atomic_write_bytes
 from detkit.training_contract import CHECKPOINTS, ENTRY_POINT, SAGEMAKER_BASE, hyperparameters
 
@@ -168,7 +168,7 @@ def cost_line(c) -> str:
 
 def _shown(path: Path) -> str:
     try:
-        return str(path.resolve().relative_to(repo_root()))
+        return str(path.resolve().relative_to(workspace_root()))
     except ValueError:
         return str(path)
 
@@ -528,7 +528,7 @@ def _start(s3, sagemaker, cfg, name: str, fp: str, records: Path, pretrained: Pa
     channels = {"records": upload_folder(s3, c, "records", records)}
     if pretrained is not None:
         channels["pretrained"] = upload_folder(s3, c, "pretrained", pretrained)
-    code = upload_code(s3, c, repo_root())
+    code = upload_code(s3, c, workspace_root())
     print(cost_line(c))
     try:
         arn = sagemaker.create_training_job(**job_request(cfg, name, fp, channels, code, run_id))["TrainingJobArn"]

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig
 
 from detkit.archive import ArchiveError, archive_suffix, fetch, safe_extract
 from detkit.cli import run_stage, stage_parser
-from detkit.config import ConfigError, repo_root
+from detkit.config import ConfigError, workspace_root
 from detkit.fsio import atomic_dir
 
 
@@ -39,7 +39,7 @@ def _check_archives(archives: ListConfig) -> None:
 
 def _copy_local(local_dir: str, out: Path) -> dict:
     source = Path(local_dir)
-    source = source if source.is_absolute() else repo_root() / source
+    source = source if source.is_absolute() else workspace_root() / source
     if not source.is_dir():
         raise ConfigError(f"dataset.local_dir: {source} does not exist or is not a folder")
     if out.resolve().is_relative_to(source.resolve()):
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("stages.download", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")
-    root = repo_root()
+    root = workspace_root()
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"cache": root / args.cache}, {"raw": root / args.out}),
                      errors=(ArchiveError,))
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from detkit.archive import ArchiveError, archive_suffix, fetch, safe_extract
 from detkit.cli import run_stage, stage_parser
-from detkit.config import ConfigError, repo_root
+from detkit.config import ConfigError, workspace_root
 from detkit.fsio import atomic_dir, atomic_write_json
 
 HUB_SCHEMES = ("kaggle://", "hf://", "modelscope://")
@@ -47,7 +47,7 @@ def source_kind(source: str) -> str:
         return "hub"
     if source.endswith(ARCHIVE_SUFFIXES):
         return "archive"
-    path = Path(source) if Path(source).is_absolute() else repo_root() / source
+    path = Path(source) if Path(source).is_absolute() else workspace_root() / source
     if path.is_dir():
         return "hub"
     raise ConfigError(
@@ -84,7 +84,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     out = Path(outputs["pretrained"])
     with atomic_dir(out) as tmp:
         if kind == "hub":
-            local = Path(source) if Path(source).is_absolute() else repo_root() / source
+            local = Path(source) if Path(source).is_absolute() else workspace_root() / source
             summary.update(_load_and_save(str(local) if local.is_dir() else source, tmp))
         elif kind == "archive":
             if not cfg.model.pretrained_sha256:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("stages.pretrained", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="preset folder to write")
     parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")
-    root = repo_root()
+    root = workspace_root()
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"cache": root / args.cache},
                                                          {"pretrained": root / args.out}),
                      errors=(ArchiveError, PretrainedError))

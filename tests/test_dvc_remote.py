@@ -101,10 +101,6 @@ def queue_finished(root: Path, timeout_s: float) -> str:
         time.sleep(5)
 
 
-@pytest.mark.xfail(strict=True, reason="queued experiments: DVC sets DVC_ROOT to the parent repository, and "
-                   "detkit.config.repo_root() takes it for the stage's own tree, so the stages read the "
-                   "workspace's params.yaml and download/pretrained write into the workspace, not the "
-                   "experiment's copy under .dvc/tmp/exps ('output data/raw does not exist')")
 def test_queued_experiments_land_in_dvc_exp_show_and_the_workspace_mlflow_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
