@@ -103,13 +103,14 @@ def evaluate(results: list[ImageResult], label_map: dict[int, str], backend: str
     return {"metrics": stats, "per_class_ap": per_class, "pr_curve": curve}
 
 
-def predict_split(detector, decoder, records: Path, batch_size: int) -> tuple[list[ImageResult], dict[int, bytes]]:
-    """Detections for every val image, and the encoded images (by image id) for drawing."""
-    from detkit import data, model  # TensorFlow: only where a model runs
+def predict_split(detect, input_size: int, records: Path, batch_size: int,
+                  with_encoded: bool = True) -> tuple[list[ImageResult], dict[int, bytes]]:
+    """Detections of ``detect`` (``detkit.model.detection_function``) for every val image, and with
+    ``with_encoded`` the encoded images (by image id) for drawing."""
+    from detkit import data  # TensorFlow: only where a model runs
 
     results, encoded = [], {}
-    detect = model.detection_function(detector, decoder)
-    for batch in data.eval_dataset(records, model.input_size(detector), batch_size, with_encoded=True):
+    for batch in data.eval_dataset(records, input_size, batch_size, with_encoded=with_encoded):
         out = {k: v.numpy() for k, v in detect(batch["images"]).items()}
         for i in range(len(batch["height"])):
             n_gt, n_det = int(batch["num_boxes"][i]), int(out["num_detections"][i])
@@ -124,5 +125,6 @@ def predict_split(detector, decoder, records: Path, batch_size: int) -> tuple[li
                 classes=out["detection_classes"][i][:n_det].astype(int),
                 scores=out["detection_scores"][i][:n_det],
             ))
-            encoded[image_id] = batch["encoded"][i].numpy()
+            if with_encoded:
+                encoded[image_id] = batch["encoded"][i].numpy()
     return results, encoded

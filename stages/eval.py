@@ -64,7 +64,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     detector, info = model.load_trained(checkpoints / FINAL)
     decoder = model.make_decoder(detector, info.get("detection"))
     label_map = read_label_map(records / "label_map.pbtxt")
-    results, encoded = predict_split(detector, decoder, records, cfg.eval.batch_size)
+    results, encoded = predict_split(model.detection_function(detector, decoder), model.input_size(detector),
+                                     records, cfg.eval.batch_size)
     if not results:
         raise ConfigError(f"{records}: the val split is empty; nothing to evaluate (see split.train_fraction)")
     coco = evaluate(results, label_map, backend=cfg.eval.coco_backend)

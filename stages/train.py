@@ -165,7 +165,7 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *, tracking_uri:
                                       deterministic=bool(t.deterministic))
             if plan.workers > 1:
                 dataset = distribute.shard_by_data(dataset)
-            validation = (Validation(cfg, records, read_label_map(records / M.LABEL_MAP_FILE), best)
+            validation = (Validation(cfg, detector, records, read_label_map(records / M.LABEL_MAP_FILE), best)
                           if t.eval_every else None)
             bar = tqdm(total=int(t.steps), initial=start, desc="train", unit="step", dynamic_ncols=True,
                        disable=not plan.chief)
@@ -274,15 +274,19 @@ class Logs:
 class Validation:
     """The val split's COCO evaluation, with the eval stage's code, and the best AP50 so far."""
 
-    def __init__(self, cfg, records: Path, label_map: dict[int, str], best: dict[str, Any] | None):
-        self.cfg, self.records, self.label_map, self.best = cfg, records, label_map, best
-
-    def __call__(self, detector, step: int) -> dict[str, Any]:
+    def __init__(self, cfg, detector, records: Path, label_map: dict[int, str], best: dict[str, Any] | None):
         from detkit import model as M
+
+        self.cfg, self.records, self.label_map, self.best = cfg, records, label_map, best
+        # Traced once: the graph reads the detector's variables, so every evaluation sees the current weights.
+        decoder = M.make_decoder(detector, OmegaConf.to_container(cfg.model.detection, resolve=True))
+        self.detect, self.size = M.detection_function(detector, decoder), M.input_size(detector)
+
+    def __call__(self, step: int) -> dict[str, Any]:
         from detkit.coco import evaluate, predict_split
 
-        decoder = M.make_decoder(detector, OmegaConf.to_container(self.cfg.model.detection, resolve=True))
-        results, _ = predict_split(detector, decoder, self.records, int(self.cfg.eval.batch_size))
+        results, _ = predict_split(self.detect, self.size, self.records, int(self.cfg.eval.batch_size),
+                                   with_encoded=False)
         metrics = evaluate(results, self.label_map, backend=self.cfg.eval.coco_backend)["metrics"]
         return {"step": step, **{k: float(metrics[k]) for k in CK.VAL_FIELDS[1:]}}
 
@@ -318,16 +322,19 @@ def _loop_callback():
             self.bar.update(self.interval)
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['learning_rate']:.2e}")
             last = step == int(self.t.steps)
-            if self.validation and (step % int(self.t.eval_every) == 0 or last):
+            evaluate = bool(self.validation) and (step % int(self.t.eval_every) == 0 or last)
+            save = step % int(self.t.checkpoint_every) == 0 or last
+            if evaluate:
                 self._validate(step)
-            if self.chief and (step % int(self.t.checkpoint_every) == 0 or last):
-                contents = self.logs.write()
-                CK.save(self.checkpoints, self.detector, step, self.fp, contents, int(self.t.keep_checkpoints))
-                if self.tracker:
-                    self.tracker.flush()
+            if self.chief and (evaluate or save):
+                contents = self.logs.write()  # once per stop, for the evaluation and the checkpoint alike
+                if save:
+                    CK.save(self.checkpoints, self.detector, step, self.fp, contents, int(self.t.keep_checkpoints))
+                    if self.tracker:
+                        self.tracker.flush()
 
         def _validate(self, step: int) -> None:
-            row = self.validation(self.detector, step)
+            row = self.validation(step)
             self.logs.val_rows.append(row)
             better = self.validation.improves(row)
             if better:
@@ -335,7 +342,6 @@ def _loop_callback():
                 if self.chief:
                     CK.save_best(self.checkpoints, self.detector, self.validation.best)
             if self.chief:
-                self.logs.write()
                 if self.tracker:
                     self.tracker.add([row], CK.VAL_FIELDS, prefix="val/")
                 self.bar.write(f"train: step {step}: val AP {row['AP']:.3f}  AP50 {row['AP50']:.3f}"
