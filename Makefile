@@ -11,12 +11,18 @@ MODEL_NAME ?= $(shell $(PYTHON) -m detkit.config export.model_name)
 SERVE_PORT ?= 8080
 URL ?= http://127.0.0.1:$(SERVE_PORT)/invocations
 IMAGE ?=
+# make batch: the folders (or s3:// prefixes) it reads and writes; DRAW=1 also draws each image.
+INPUT ?=
+OUTPUT ?=
+DRAW ?=
 # Deploy (AWS): empty means the deploy config group's value (conf/deploy/sagemaker.yaml).
+# DEPLOY_IMAGE: custom (our image, built with Docker) or aws (AWS's TF Serving image, no Docker).
 AWS_REGION ?=
+DEPLOY_IMAGE ?=
 IMAGE_TAG ?=
 INSTANCE_TYPE ?=
-DEPLOY_SET = $(if $(AWS_REGION),--set deploy.region=$(AWS_REGION)) $(if $(IMAGE_TAG),--set deploy.image_tag=$(IMAGE_TAG)) \
-	$(if $(INSTANCE_TYPE),--set deploy.instance_type=$(INSTANCE_TYPE))
+DEPLOY_SET = $(if $(AWS_REGION),--set deploy.region=$(AWS_REGION)) $(if $(DEPLOY_IMAGE),--set deploy.image=$(DEPLOY_IMAGE)) \
+	$(if $(IMAGE_TAG),--set deploy.image_tag=$(IMAGE_TAG)) $(if $(INSTANCE_TYPE),--set deploy.instance_type=$(INSTANCE_TYPE))
 DEPLOY := $(PYTHON) -m detkit.deploy $(DEPLOY_SET)
 # The demo's params: the embedded sample, the tiny model and a training budget that CPUs finish
 # in about 3 minutes (README: make demo).
@@ -41,15 +47,16 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo repro exp compare mlflow-ui bench rehearsal clean serve predict docker-test \
+.PHONY: help setup test lint demo repro exp compare mlflow-ui bench rehearsal clean serve predict batch docker-test \
 	deploy invoke status undeploy
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^## / {printf "\n%s\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 ## Set-up
-setup: $(VENV)/.installed ## create .venv with the pinned stack, install nginx and envsubst if missing
+setup: $(VENV)/.installed ## create .venv with the pinned stack, install nginx, its njs module and envsubst if missing
 	@missing="$$(command -v nginx >/dev/null || echo nginx) $$(command -v envsubst >/dev/null || echo gettext-base)"; \
+	missing="$$missing $$([ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || echo libnginx-mod-http-js)"; \
 	if [ -n "$$(echo $$missing)" ]; then echo "installing$$missing (apt)"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
 	@echo "setup done: $(VENV) ready, nginx $$(nginx -v 2>&1 | cut -d/ -f2), $$(command -v envsubst)"
@@ -106,23 +113,28 @@ predict: ## IMAGE=<file> [URL=...]: send an image as a TF Serving REST request (
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/image.jpg [URL=$(URL)]"; exit 2; }
 	$(PYTHON) -m detkit.predict "$(IMAGE)" --url "$(URL)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
 
+batch: ## INPUT=<folder|s3://...> OUTPUT=<folder|s3://...> [DRAW=1]: the newest export over every image, one JSON each + COCO files
+	@test -n "$(INPUT)" && test -n "$(OUTPUT)" || { echo "usage: make batch INPUT=path/to/images OUTPUT=path/to/results [DRAW=1]" \
+	  "(or INPUT=s3://bucket/in OUTPUT=s3://bucket/out: SageMaker Batch Transform)"; exit 2; }
+	$(PYTHON) -m detkit.batch "$(INPUT)" "$(OUTPUT)" --export "$(EXPORT_DIR)/$(MODEL_NAME)" $(if $(DRAW),--draw) $(DEPLOY_SET)
+
 ## Deploy (AWS SageMaker; credentials from the usual AWS chain)
 docker-test: ## build the serving image from build/serving and send it the REST request of docs/export.md (needs Docker)
 	@if ! docker info >/dev/null 2>&1; then \
 	  echo "docker-test: SKIPPED: no Docker engine here ('docker info' failed); the image was not built"; \
 	else serving/docker-test.sh build/serving "$(MODEL_NAME)" "$(PYTHON)"; fi
 
-deploy: ## quality gate, build + push to ECR, create or update the endpoint, wait until InService
-	$(DEPLOY) deploy --context build/serving --metrics metrics/eval.json
+deploy: ## [DEPLOY_IMAGE=aws] quality gate, image (ECR, or S3 + AWS's image), endpoint (blue/green update), alarms, autoscaling
+	$(DEPLOY) deploy --context build/serving --archive build/model.tar.gz --metrics metrics/eval.json
 
 invoke: ## IMAGE=<file>: send an image to the endpoint with boto3 invoke_endpoint, print and draw
 	@test -n "$(IMAGE)" || { echo "usage: make invoke IMAGE=path/to/image.jpg"; exit 2; }
 	$(DEPLOY) invoke "$(IMAGE)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
 
-status: ## the endpoint's state and this project's models and endpoint configs
+status: ## the endpoint's state, image, alarms and autoscaling, and this project's models and endpoint configs
 	$(DEPLOY) status
 
-undeploy: ## delete the endpoint, endpoint configs and models this project created (stops billing)
+undeploy: ## delete the autoscaling, endpoint, alarms, endpoint configs and models this project created (stops billing)
 	$(DEPLOY) undeploy
 
 ## Housekeeping

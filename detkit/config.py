@@ -108,6 +108,12 @@ class Detection:
 
 
 @dataclass
+class ServingMemory:
+    base: float = MISSING
+    per_image: float = MISSING
+
+
+@dataclass
 class Model:
     name: str = MISSING
     builder: str = "retinanet"
@@ -126,6 +132,7 @@ class Model:
     head: Head = field(default_factory=Head)
     matching: Matching = field(default_factory=Matching)
     detection: Detection = field(default_factory=Detection)
+    serving_gib: ServingMemory = field(default_factory=ServingMemory)
 
 
 # ---- train section of params.yaml
@@ -183,6 +190,64 @@ class Export:
     extra_signatures: list[str] = field(default_factory=list)
     check_images: int = 16
     check_tolerance: float = 1e-3
+    max_image_pixels: int = 25_000_000
+
+
+@dataclass
+class AwsImage:
+    repository: str = "tensorflow-inference"
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Serving:
+    max_batch_size: int | None = None
+    memory_fraction: float = 0.8
+
+
+@dataclass
+class Rollout:
+    traffic: str = "canary"
+    step_percent: int = 50
+    wait_interval_s: int = 300
+    termination_wait_s: int = 120
+    max_execution_timeout_s: int = 3600
+
+
+@dataclass
+class Alarms:
+    period_s: int = 60
+    evaluation_periods: int = 2
+    max_5xx_errors: float = 1.0
+    max_model_latency_ms: float = 5000.0
+
+
+@dataclass
+class Autoscaling:
+    enabled: bool = True
+    min_instances: int = 1
+    max_instances: int = 2
+    target_invocations_per_instance: float = 60.0
+    scale_in_cooldown_s: int = 300
+    scale_out_cooldown_s: int = 60
+
+
+@dataclass
+class Transform:
+    instance_type: str = "ml.m5.large"
+    instance_count: int = 1
+    content_type: str = "application/x-image"
+    split_type: str = "None"
+    max_payload_mb: int = 6
+    max_concurrent_transforms: int | None = None
+    wait_minutes: int = 120
+
+
+@dataclass
+class Instance:
+    vcpus: int = MISSING
+    memory_gib: float = MISSING
+    hourly_usd: float = MISSING
 
 
 @dataclass
@@ -190,6 +255,10 @@ class Deploy:
     name: str = MISSING
     region: str = "us-east-1"
     role_arn: str | None = None
+    image: str = "custom"
+    aws_image: AwsImage = field(default_factory=AwsImage)
+    bucket: str | None = None
+    prefix: str = "pet-object-detection"
     ecr_repository: str = "pet-object-detection"
     image_tag: str | None = None
     endpoint_name: str = "pet-object-detection"
@@ -198,7 +267,12 @@ class Deploy:
     min_ap50: float = 0.5
     wait_minutes: int = 30
     project_tag: str = "pet-object-detection"
-    hourly_usd: dict[str, float] = field(default_factory=dict)
+    serving: Serving = field(default_factory=Serving)
+    rollout: Rollout = field(default_factory=Rollout)
+    alarms: Alarms = field(default_factory=Alarms)
+    autoscaling: Autoscaling = field(default_factory=Autoscaling)
+    transform: Transform = field(default_factory=Transform)
+    instances: dict[str, Instance] = field(default_factory=dict)
 
 
 @dataclass
@@ -247,6 +321,9 @@ AUTO_SWITCH = ("auto", "true", "false")
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
 COMPUTE = ("local", "sagemaker")
 EXTRA_SIGNATURES = ("image_tensor", "tf_example")
+DEPLOY_IMAGES = ("custom", "aws")
+TRAFFIC = ("all_at_once", "canary", "linear")
+SPLIT_TYPES = ("None", "Line", "RecordIO", "TFRecord")
 
 
 def repo_root() -> Path:
@@ -271,7 +348,7 @@ def closest(word: str, choices: list[str]) -> str:
 def _check_keys(node: Any, schema: Any, where: str, prefix: str) -> None:
     """Refuse keys the schema does not know, naming the closest one that it does."""
     if isinstance(node, DictConfig) and isinstance(schema, DictConfig):
-        if OmegaConf.get_type(schema) is dict:  # a free mapping (e.g. deploy.hourly_usd): any keys
+        if OmegaConf.get_type(schema) is dict:  # a free mapping (e.g. deploy.instances): any keys
             return
         known = [str(k) for k in schema.keys()]
         for key in node.keys():
@@ -422,8 +499,42 @@ def _validate_values(cfg: DictConfig) -> None:
     _validate_export(cfg.export)
     if cfg.compute.name == "sagemaker":
         _validate_compute(cfg.compute)
-    if cfg.deploy.instance_count < 1 or not 0.0 <= cfg.deploy.min_ap50 <= 1.0:
-        raise ConfigError(f"conf/deploy/{cfg.deploy.name}.yaml: instance_count must be >= 1, min_ap50 in [0, 1]")
+    _validate_deploy(cfg.deploy)
+
+
+def _validate_deploy(d: DictConfig) -> None:
+    """Values SageMaker, CloudWatch or Application Auto Scaling would refuse, caught before any call."""
+    where = f"conf/deploy/{d.name}.yaml"
+    _one_of("deploy.image", d.image, DEPLOY_IMAGES)
+    _one_of("deploy.rollout.traffic", d.rollout.traffic, TRAFFIC)
+    _one_of("deploy.transform.split_type", d.transform.split_type, SPLIT_TYPES)
+    for key in ("instance_type", "transform.instance_type"):
+        kind = OmegaConf.select(d, key)
+        if kind not in d.instances:
+            raise ConfigError(f"{where}: {key} {kind} is not in deploy.instances (known: "
+                              f"{', '.join(d.instances)}); add its vcpus, memory_gib and hourly_usd")
+    a, u = d.autoscaling, d.rollout
+    checks = [
+        (d.instance_count >= 1 and 0.0 <= d.min_ap50 <= 1.0, "instance_count must be >= 1, min_ap50 in [0, 1]"),
+        (d.serving.max_batch_size is None or d.serving.max_batch_size >= 1, "serving.max_batch_size must be >= 1"),
+        (0.0 < d.serving.memory_fraction <= 1.0, "serving.memory_fraction must be in (0, 1]"),
+        (1 <= u.step_percent <= 100, "rollout.step_percent must be in [1, 100]"),
+        (0 <= u.wait_interval_s <= 3600 and 0 <= u.termination_wait_s <= 3600,
+         "rollout.wait_interval_s and rollout.termination_wait_s must be in [0, 3600]"),
+        (600 <= u.max_execution_timeout_s <= 14400, "rollout.max_execution_timeout_s must be in [600, 14400]"),
+        (d.alarms.period_s >= 60 and d.alarms.period_s % 60 == 0, "alarms.period_s must be a multiple of 60"),
+        (d.alarms.evaluation_periods >= 1, "alarms.evaluation_periods must be >= 1"),
+        (1 <= a.min_instances <= a.max_instances, "autoscaling needs 1 <= min_instances <= max_instances"),
+        (a.target_invocations_per_instance > 0, "autoscaling.target_invocations_per_instance must be > 0"),
+        (a.scale_in_cooldown_s >= 0 and a.scale_out_cooldown_s >= 0, "autoscaling cool-downs must be >= 0"),
+        (d.transform.instance_count >= 1 and 1 <= d.transform.max_payload_mb <= 100,
+         "transform.instance_count must be >= 1, transform.max_payload_mb in [1, 100]"),
+        (d.transform.max_concurrent_transforms is None or d.transform.max_concurrent_transforms >= 1,
+         "transform.max_concurrent_transforms must be >= 1 or null"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
 
 
 def _validate_export(e: DictConfig) -> None:
@@ -438,6 +549,9 @@ def _validate_export(e: DictConfig) -> None:
         raise ConfigError("export.max_detections and export.check_images must be at least 1")
     if e.check_tolerance <= 0:
         raise ConfigError(f"export.check_tolerance: {e.check_tolerance} must be positive")
+    if e.max_image_pixels < 1:
+        raise ConfigError(f"export.max_image_pixels: {e.max_image_pixels} must be at least 1 (width x height of "
+                          "the largest image the served model decodes)")
 
 
 def _validate_compute(c: DictConfig) -> None:

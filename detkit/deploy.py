@@ -1,26 +1,34 @@
 """SageMaker deployment from Make: the last mile that is often done by hand in the console.
 
-    python -m detkit.deploy deploy     # gate, build + push to ECR, model, endpoint config, endpoint
-    python -m detkit.deploy status     # the endpoint and this project's models and configs
+    python -m detkit.deploy deploy     # gate, image, model, endpoint config, alarms, endpoint, autoscaling
+    python -m detkit.deploy status     # the endpoint, its alarms and autoscaling, this project's models and configs
     python -m detkit.deploy invoke IMAGE [--out ...]   # boto3 invoke_endpoint with the REST body
-    python -m detkit.deploy undeploy   # delete the endpoint, configs and models this project made
+    python -m detkit.deploy undeploy   # delete what this project made: autoscaling, endpoint, alarms, configs, models
 
 Settings come from the ``deploy`` config group (``conf/deploy/sagemaker.yaml``) and the
 environment it names; credentials come from boto3's usual chain and are never printed or
 written (the ECR password goes to ``docker login`` on stdin). Every resource created here
 carries the tag ``project=<deploy.project_tag>``; ``undeploy`` deletes only those.
 
+``deploy.image`` picks the container: ``custom`` builds our TF Serving + nginx image and
+pushes it to ECR (needs Docker); ``aws`` uploads ``build/model.tar.gz`` to S3 under its
+sha256 and runs it on AWS's TensorFlow Serving inference image (no Docker).
+
 ``deploy`` refuses a model whose ``metrics/eval.json`` AP50 is below ``deploy.min_ap50`` or
-whose export check failed. An update that ends in ``Failed`` is rolled back to the
-previous endpoint config. ``EndpointSwitch`` is the one seam around the calls that change
-a live endpoint (create, update, wait), so that logic is tested against moto, which has no
-``update_endpoint``.
+whose export check failed, and sizes TF Serving's batches to the instance's memory. An
+update of a live endpoint is SageMaker's blue/green deployment (``detkit.guardrails``): it
+rolls back by itself when the endpoint's alarms fire or the new fleet fails; deploy reports
+which config the endpoint ended on. ``EndpointSwitch`` is the one seam around the calls that
+change a live endpoint (create, update, wait), so that logic is tested against moto, which
+has no ``update_endpoint``.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -30,12 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detkit import aws
+from detkit import autoscaling, aws, guardrails
 from detkit.cli import stage_parser
 from detkit.config import ConfigError, load_config, repo_root
 from detkit.fsio import EXPORT_CHECK
 
 VARIANT = "AllTraffic"
+MAX_BATCH_SIZE = 32  # TF Serving's batch cap in our entrypoint: more adds latency, not throughput, on CPUs
 
 
 class DeployError(RuntimeError):
@@ -48,8 +57,10 @@ class Settings:
 
     cfg: Any  # the composed config's ``deploy`` node
     model_name: str  # export.model_name: TF Serving's model name inside the image
+    serving_gib: Any  # model.serving_gib: base and per-image memory of the served model
     context: Path | None  # docker build context (package stage); deploy only
     metrics: Path | None  # metrics/eval.json (eval stage); deploy only
+    archive: Path | None = None  # build/model.tar.gz (package stage); deploy with image=aws
 
     @property
     def tags(self) -> list[dict[str, str]]:
@@ -85,15 +96,16 @@ class DockerEngine:
 class EndpointSwitch:
     """Create, update and wait for a live endpoint: the calls moto cannot emulate."""
 
-    def __init__(self, sagemaker, wait_minutes: int):
+    def __init__(self, sagemaker, wait_minutes: float):
         self.sagemaker = sagemaker
         self.wait_minutes = wait_minutes
 
     def create(self, endpoint: str, config: str, tags: list[dict[str, str]]) -> None:
         self.sagemaker.create_endpoint(EndpointName=endpoint, EndpointConfigName=config, Tags=tags)
 
-    def update(self, endpoint: str, config: str) -> None:
-        self.sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=config)
+    def update(self, endpoint: str, config: str, deployment_config: dict[str, Any]) -> None:
+        self.sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName=config,
+                                       DeploymentConfig=deployment_config)
 
     def wait(self, endpoint: str) -> dict[str, Any]:
         """Wait for InService (or a final failure); the endpoint's description either way."""
@@ -181,57 +193,143 @@ def push_image(ecr, docker, settings: Settings, tag: str) -> str:
 
 def price_line(settings: Settings) -> str:
     kind, count = settings.cfg.instance_type, settings.cfg.instance_count
-    hourly = settings.cfg.hourly_usd.get(kind)
-    if hourly is None:
-        return f"price: {kind} is not in deploy.hourly_usd; see https://aws.amazon.com/sagemaker/pricing/"
+    hourly = settings.cfg.instances[kind].hourly_usd
     total = hourly * count
-    return (f"price: {kind} at ${hourly:.4g}/hour (us-east-1 list price) x {count} = ${total:.2f}/hour, "
+    line = (f"price: {kind} at ${hourly:.4g}/hour (us-east-1 list price) x {count} = ${total:.2f}/hour, "
             f"about ${total * 24 * 30:.0f}/month, billed until `make undeploy`")
+    a = settings.cfg.autoscaling
+    if a.enabled and a.max_instances > count:
+        line += f"; autoscaling may run up to {a.max_instances} (${hourly * a.max_instances:.2f}/hour)"
+    return line
+
+
+def serving_plan(settings: Settings) -> dict[str, Any]:
+    """TF Serving's batch size and threads for the instance type, and the memory they may use.
+
+    Each of ``vcpus`` batch threads may run a batch at once, so the peak is about
+    ``base + vcpus x max_batch_size x per_image`` (model.serving_gib); it must stay within
+    ``memory_fraction`` of the instance's memory.
+    """
+    kind = settings.cfg.instance_type
+    instance, serving, gib = settings.cfg.instances[kind], settings.cfg.serving, settings.serving_gib
+    threads, budget = int(instance.vcpus), instance.memory_gib * serving.memory_fraction
+    fits = math.floor((budget - gib.base) / (threads * gib.per_image))
+    if fits < 1:
+        raise DeployError(f"refused: the model needs {gib.base + threads * gib.per_image:.1f} GiB to serve one image "
+                          f"per batch thread ({threads}) and {kind} offers {budget:.1f} GiB "
+                          f"({serving.memory_fraction:g} x {instance.memory_gib:g}); pick a larger "
+                          "deploy.instance_type")
+    size = serving.max_batch_size
+    if size is None:
+        size = min(fits, MAX_BATCH_SIZE)
+    elif size > fits:
+        raise DeployError(f"refused: deploy.serving.max_batch_size {size} x {threads} batch threads needs about "
+                          f"{gib.base + threads * size * gib.per_image:.1f} GiB; {kind} offers {budget:.1f} GiB "
+                          f"(at most {fits} fits); lower it, set it to null, or pick a larger instance type")
+    peak = gib.base + threads * size * gib.per_image
+    return {"max_batch_size": int(size), "threads": threads, "peak_gib": peak,
+            "line": f"serving: batches of up to {size} images on {threads} batch threads: about {peak:.1f} GiB of "
+                    f"{kind}'s {instance.memory_gib:g} GiB (model.serving_gib, deploy.serving)"}
+
+
+def container_environment(settings: Settings, plan: dict[str, Any]) -> dict[str, str]:
+    """The model container's environment: the model's name and the batching plan, as each image reads them."""
+    size, threads = str(plan["max_batch_size"]), str(plan["threads"])
+    if settings.cfg.image == "custom":  # serving/entrypoint.sh
+        return {"MODEL_NAME": settings.model_name, "TFS_MAX_BATCH_SIZE": size, "TFS_NUM_BATCH_THREADS": threads}
+    return {"SAGEMAKER_TFS_DEFAULT_MODEL_NAME": settings.model_name, "SAGEMAKER_TFS_ENABLE_BATCHING": "true",
+            "SAGEMAKER_TFS_MAX_BATCH_SIZE": size, "SAGEMAKER_TFS_NUM_BATCH_THREADS": threads,
+            "SAGEMAKER_TFS_BATCH_TIMEOUT_MICROS": "0", "SAGEMAKER_TFS_MAX_ENQUEUED_BATCHES": "100"}
+
+
+def aws_image(settings: Settings) -> str:
+    c = settings.cfg
+    return aws.dlc_image(c.region, c.aws_image.repository, c.aws_image.tags[aws.device_of(c.instance_type)])
+
+
+def upload_model(s3, settings: Settings, manifest: dict[str, Any]) -> str:
+    """build/model.tar.gz at ``<prefix>/models/<sha256>/model.tar.gz`` (uploaded unless there); its URI."""
+    c = settings.cfg
+    problem = aws.bucket_problem(s3, c.bucket, f"conf/deploy/{c.name}.yaml", c.region)
+    if problem:
+        raise DeployError(problem)
+    if not settings.archive.is_file():
+        raise DeployError(f"{settings.archive}: missing; run the package stage (dvc repro) before deploying")
+    with open(settings.archive, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != manifest["model_tar_gz_sha256"]:
+        raise DeployError(f"{settings.archive}: its sha256 is not the one in package.json: the package stage's "
+                          "outputs are out of step; run dvc repro")
+    key = f"{c.prefix}/models/{digest}/model.tar.gz"
+    uri = f"s3://{c.bucket}/{key}"
+    if aws.put_once(s3, c.bucket, key, settings.archive):
+        print(f"deploy: uploaded {settings.archive} ({settings.archive.stat().st_size / 1e6:.1f} MB) to {uri}")
+    else:
+        print(f"deploy: {uri} is already in S3 (same sha256): not uploaded")
+    return uri
 
 
 # ---------------------------------------------------------------------------- commands
 
 
-def deploy(settings: Settings, sagemaker, ecr, docker, switch: EndpointSwitch) -> dict[str, Any]:
-    """Gate, push, then a new model + endpoint config, and create or switch the endpoint."""
+def deploy(settings: Settings, clients: dict[str, Any], docker, switch: EndpointSwitch) -> dict[str, Any]:
+    """Gate, image, then a new model + endpoint config, alarms, create or update the endpoint, autoscaling."""
+    sagemaker, c = clients["sagemaker"], settings.cfg
     manifest = quality_gate(settings)
-    if not settings.cfg.role_arn:
+    if not c.role_arn:
         raise DeployError("deploy.role_arn is not set: export SAGEMAKER_ROLE_ARN=<the IAM role SageMaker assumes>")
     print(f"deploy: {manifest['model_name']} version {manifest['version']}, val AP50 {manifest['ap50']:.3f} "
-          f">= {settings.cfg.min_ap50}, export check passed")
-    tag = image_tag(settings)
-    image = push_image(ecr, docker, settings, tag)
-    endpoint = settings.cfg.endpoint_name
+          f">= {c.min_ap50}, export check passed")
+    plan = serving_plan(settings)
+    print(plan["line"])
+    container: dict[str, Any] = {"Environment": container_environment(settings, plan)}
+    if c.image == "custom":
+        tag = image_tag(settings)
+        container["Image"] = push_image(clients["ecr"], docker, settings, tag)
+    else:
+        container["ModelDataUrl"] = upload_model(clients["s3"], settings, manifest)
+        container["Image"] = aws_image(settings)
+        tag = f"aws-{manifest['model_tar_gz_sha256'][:12]}"
+        print(f"deploy: AWS's TensorFlow Serving image {container['Image']}")
+    endpoint = c.endpoint_name
     model = resource_name(endpoint, tag)
-    sagemaker.create_model(ModelName=model, ExecutionRoleArn=settings.cfg.role_arn, Tags=settings.tags,
-                           PrimaryContainer={"Image": image, "Environment": {"MODEL_NAME": settings.model_name}})
+    sagemaker.create_model(ModelName=model, ExecutionRoleArn=c.role_arn, Tags=settings.tags,
+                           PrimaryContainer=container)
     config = model  # one endpoint config per model, named alike
     sagemaker.create_endpoint_config(EndpointConfigName=config, Tags=settings.tags, ProductionVariants=[{
-        "VariantName": VARIANT, "ModelName": model, "InstanceType": settings.cfg.instance_type,
-        "InitialInstanceCount": int(settings.cfg.instance_count), "InitialVariantWeight": 1.0}])
+        "VariantName": VARIANT, "ModelName": model, "InstanceType": c.instance_type,
+        "InitialInstanceCount": int(c.instance_count), "InitialVariantWeight": 1.0}])
+    alarms = guardrails.ensure_alarms(clients["cloudwatch"], c, VARIANT)
     existing = describe_endpoint(sagemaker, endpoint)
     previous = existing["EndpointConfigName"] if existing else None
     if existing:
-        print(f"deploy: updating endpoint {endpoint}: {previous} -> {config}")
-        switch.update(endpoint, config)
+        old_variant = sagemaker.describe_endpoint_config(EndpointConfigName=previous)["ProductionVariants"][0]
+        old_type = old_variant["InstanceType"]
+        # Application Auto Scaling fails an update that changes a scaled variant's instance type.
+        if old_type != c.instance_type and autoscaling.remove(clients["application-autoscaling"], endpoint, VARIANT):
+            print(f"deploy: {old_type} -> {c.instance_type}: autoscaling removed for the update, applied again after")
+        print(f"deploy: updating endpoint {endpoint}: {previous} -> {config}, {guardrails.describe_rollout(c)}")
+        switch.update(endpoint, config, guardrails.deployment_config(c, alarms))
     else:
-        print(f"deploy: creating endpoint {endpoint} with {config}")
+        print(f"deploy: creating endpoint {endpoint} with {config} (alarms {', '.join(alarms)})")
         switch.create(endpoint, config, settings.tags)
     state = switch.wait(endpoint)
     if state["EndpointStatus"] != "InService" or state["EndpointConfigName"] != config:
         reason = state.get("FailureReason") or state["EndpointStatus"]
         if previous is None:
             raise DeployError(f"endpoint {endpoint} did not come up ({reason}); `make undeploy` removes what is left")
-        print(f"deploy: the update failed ({reason}); rolling back to {previous}")
-        switch.update(endpoint, previous)
-        after = switch.wait(endpoint)
-        raise DeployError(f"the update to {config} failed ({reason}); rolled back: endpoint {endpoint} is "
-                          f"{after['EndpointStatus']} with {after['EndpointConfigName']}")
+        raise DeployError(f"the update to {config} did not complete ({reason}); SageMaker kept or rolled back to "
+                          f"the old fleet: endpoint {endpoint} is {state['EndpointStatus']} with "
+                          f"{state['EndpointConfigName']}")
     print(f"deploy: endpoint {endpoint} is InService with {config}")
-    print(f"invoke: make invoke IMAGE=cat.jpg   (boto3 sagemaker-runtime invoke_endpoint, region "
-          f"{settings.cfg.region})")
+    if c.autoscaling.enabled:
+        print(autoscaling.apply(clients["application-autoscaling"], c, VARIANT))
+    elif autoscaling.remove(clients["application-autoscaling"], endpoint, VARIANT):
+        print("autoscaling: removed (deploy.autoscaling.enabled is false)")
+    print(f"invoke: make invoke IMAGE=cat.jpg   (boto3 sagemaker-runtime invoke_endpoint, region {c.region})")
     print(price_line(settings))
-    return {"endpoint": endpoint, "config": config, "model": model, "image": image, "previous": previous}
+    return {"endpoint": endpoint, "config": config, "model": model, "image": container["Image"],
+            "previous": previous, "alarms": alarms, "plan": plan}
 
 
 def ours(sagemaker, arn: str, settings: Settings) -> bool:
@@ -248,38 +346,53 @@ def project_resources(sagemaker, settings: Settings) -> dict[str, list[str]]:
     return {"endpoint_configs": tagged("endpoint_configs", "EndpointConfig"), "models": tagged("models", "Model")}
 
 
-def status(settings: Settings, sagemaker) -> None:
-    endpoint = describe_endpoint(sagemaker, settings.cfg.endpoint_name)
+def status(settings: Settings, clients: dict[str, Any]) -> None:
+    sagemaker, c = clients["sagemaker"], settings.cfg
+    endpoint = describe_endpoint(sagemaker, c.endpoint_name)
     if endpoint is None:
-        print(f"status: no endpoint {settings.cfg.endpoint_name} in {settings.cfg.region} (nothing billed for it)")
+        print(f"status: no endpoint {c.endpoint_name} in {c.region} (nothing billed for it)")
     else:
+        variant = endpoint.get("ProductionVariants", [{}])[0]
         print(f"status: endpoint {endpoint['EndpointName']}: {endpoint['EndpointStatus']}, config "
-              f"{endpoint['EndpointConfigName']}" + (f", failure: {endpoint['FailureReason']}"
-                                                     if endpoint.get("FailureReason") else ""))
+              f"{endpoint['EndpointConfigName']}, {variant.get('CurrentInstanceCount', '?')} instance(s)"
+              + (f", failure: {endpoint['FailureReason']}" if endpoint.get("FailureReason") else ""))
+        config = sagemaker.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+        model = sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+        print(f"status: serving {model['ModelName']} on {model['PrimaryContainer']['Image']}"
+              + (f" with {model['PrimaryContainer']['ModelDataUrl']}" if "ModelDataUrl" in model["PrimaryContainer"]
+                 else ""))
+    alarms = guardrails.ours(clients["cloudwatch"], c)
+    print("status: alarms: " + (", ".join(f"{a['AlarmName']} ({a['StateValue']})" for a in alarms) or "none"))
+    print("status: " + autoscaling.status_line(autoscaling.describe(clients["application-autoscaling"],
+                                                                    c.endpoint_name, VARIANT)))
     resources = project_resources(sagemaker, settings)
     print(f"status: this project's endpoint configs: {', '.join(resources['endpoint_configs']) or 'none'}")
     print(f"status: this project's models: {', '.join(resources['models']) or 'none'}")
 
 
-def undeploy(settings: Settings, sagemaker) -> None:
-    """Delete the endpoint (if this project made it), then this project's configs and models."""
-    name = settings.cfg.endpoint_name
+def undeploy(settings: Settings, clients: dict[str, Any]) -> None:
+    """Delete autoscaling and the endpoint (if this project made it), its alarms, this project's configs and models."""
+    sagemaker, name = clients["sagemaker"], settings.cfg.endpoint_name
     endpoint = describe_endpoint(sagemaker, name)
     if endpoint is not None:
         if not ours(sagemaker, endpoint["EndpointArn"], settings):
             raise DeployError(f"endpoint {name} was not created by this project (no project="
                               f"{settings.cfg.project_tag} tag): not touched")
+        if autoscaling.remove(clients["application-autoscaling"], name, VARIANT):
+            print(f"undeploy: removed the autoscaling of {name}")
         sagemaker.delete_endpoint(EndpointName=name)
         if not aws.wait(sagemaker, "endpoint_deleted", 15, 20, EndpointName=name):
             raise DeployError(f"endpoint {name} is still not deleted after 20 minutes; `make status` shows it")
         print(f"undeploy: deleted endpoint {name}: billing for it stops")
+    alarms = guardrails.delete_alarms(clients["cloudwatch"], settings.cfg)
     resources = project_resources(sagemaker, settings)
     for config in resources["endpoint_configs"]:
         sagemaker.delete_endpoint_config(EndpointConfigName=config)
     for model in resources["models"]:
         sagemaker.delete_model(ModelName=model)
-    print(f"undeploy: deleted {len(resources['endpoint_configs'])} endpoint configs and {len(resources['models'])} "
-          "models of this project (the ECR images stay: they cost storage only)")
+    print(f"undeploy: deleted {len(alarms)} alarms, {len(resources['endpoint_configs'])} endpoint configs and "
+          f"{len(resources['models'])} models of this project (ECR images and S3 model archives stay: they cost "
+          "storage only)")
 
 
 def invoker(runtime, endpoint: str) -> Callable[[str], dict[str, Any]]:
@@ -301,8 +414,21 @@ def invoker(runtime, endpoint: str) -> Callable[[str], dict[str, Any]]:
 # ---------------------------------------------------------------------------- CLI
 
 
-def clients(region: str) -> tuple[Any, Any, Any]:
-    return aws.clients(region, "sagemaker", "ecr", "sagemaker-runtime")
+SERVICES = ("sagemaker", "ecr", "s3", "cloudwatch", "application-autoscaling", "sagemaker-runtime")
+
+
+def clients(region: str) -> dict[str, Any]:
+    return dict(zip(SERVICES, aws.clients(region, *SERVICES)))
+
+
+def settings_from(cfg, args) -> Settings:
+    return Settings(cfg.deploy, cfg.export.model_name, cfg.model.serving_gib, getattr(args, "context", None),
+                    getattr(args, "metrics", None), getattr(args, "archive", None))
+
+
+def update_wait_minutes(cfg) -> float:
+    """An update may take up to the rollout's own limit; deploy waits for whichever is longer."""
+    return max(cfg.wait_minutes, cfg.rollout.max_execution_timeout_s / 60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,30 +438,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. deploy.instance_type=ml.c5.large (repeatable)")
     commands = parser.add_subparsers(dest="command", required=True)
-    deploying = commands.add_parser("deploy", help="gate, push, create or update the endpoint, wait for InService")
+    deploying = commands.add_parser("deploy", help="gate, image, create or update the endpoint, wait for InService")
     deploying.add_argument("--context", type=Path, required=True, help="the package stage's docker build context")
+    deploying.add_argument("--archive", type=Path, required=True, help="the package stage's model.tar.gz")
     deploying.add_argument("--metrics", type=Path, required=True, help="the eval stage's eval.json")
-    commands.add_parser("status", help="the endpoint and this project's models and configs")
+    commands.add_parser("status", help="the endpoint, its alarms and autoscaling, this project's models and configs")
     client_arguments(commands.add_parser("invoke", help="send an image with invoke_endpoint"))
-    commands.add_parser("undeploy", help="delete the endpoint, configs and models this project created")
+    commands.add_parser("undeploy", help="delete the autoscaling, endpoint, alarms, configs and models of this project")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.params, overrides=args.set)
-        settings = Settings(cfg.deploy, cfg.export.model_name, getattr(args, "context", None),
-                            getattr(args, "metrics", None))
+        settings = settings_from(cfg, args)
         docker = DockerEngine()
-        if args.command == "deploy" and not docker.available():  # before any AWS client is made
-            raise DeployError("no Docker engine here: `make deploy` builds and pushes the serving image with "
-                              "docker; run it where `docker info` works")
-        sagemaker, ecr, runtime = clients(cfg.deploy.region)
+        if args.command == "deploy" and cfg.deploy.image == "custom" and not docker.available():
+            raise DeployError("no Docker engine here: deploy.image=custom builds and pushes the serving image with "
+                              "docker; run it where `docker info` works, or deploy without Docker: "
+                              "make deploy DEPLOY_IMAGE=aws (AWS's TensorFlow Serving image)")
+        made = clients(cfg.deploy.region)
         if args.command == "deploy":
-            deploy(settings, sagemaker, ecr, docker, EndpointSwitch(sagemaker, cfg.deploy.wait_minutes))
+            deploy(settings, made, docker, EndpointSwitch(made["sagemaker"], update_wait_minutes(cfg.deploy)))
         elif args.command == "status":
-            status(settings, sagemaker)
+            status(settings, made)
         elif args.command == "invoke":
-            return run_client(args, invoker(runtime, cfg.deploy.endpoint_name))
+            return run_client(args, invoker(made["sagemaker-runtime"], cfg.deploy.endpoint_name))
         else:
-            undeploy(settings, sagemaker)
+            undeploy(settings, made)
     except (ConfigError, DeployError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

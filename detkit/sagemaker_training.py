@@ -80,16 +80,6 @@ METRIC_DEFINITIONS = [
 # AWS Deep Learning Containers, TensorFlow 2.21.0 training for SageMaker (the pin in requirements.txt):
 # tags and registry accounts as aws/deep-learning-containers documents them.
 DLC_TAGS = {"gpu": "2.21.0-gpu-py312-cu129-amzn2023-sagemaker", "cpu": "2.21.0-cpu-py312-amzn2023-sagemaker"}
-DLC_ACCOUNT = "763104351884"
-DLC_ACCOUNTS = {  # the regions whose registry account differs from DLC_ACCOUNT
-    "af-south-1": "626614931356", "ap-east-1": "871362719292", "ap-east-2": "975050140332",
-    "ap-northeast-3": "364406365360", "ap-south-2": "772153158452", "ap-southeast-3": "907027046896",
-    "ap-southeast-4": "457447274322", "ap-southeast-5": "550225433462", "ap-southeast-6": "633930458069",
-    "ap-southeast-7": "590183813437", "ca-west-1": "204538143572", "eu-central-2": "380420809688",
-    "eu-south-1": "692866216735", "eu-south-2": "503227376785", "il-central-1": "780543022126",
-    "me-central-1": "914824155844", "me-south-1": "217643126080", "mx-central-1": "637423239942",
-    "cn-north-1": "727897471807", "cn-northwest-1": "727897471807",
-}
 # What the train stage imports that the image lacks or has at another version, with their own
 # dependencies that the image lacks, pinned as requirements.txt pins them. tensorflow is pinned to
 # the image's version so that pip resolves the rest (tensorflow-text above all) against it rather
@@ -145,10 +135,7 @@ def training_image(c) -> str:
     """``compute.image``, or AWS's TensorFlow training image for the region, GPU for ml.g*/ml.p* types."""
     if c.image:
         return str(c.image)
-    device = "gpu" if c.instance_type.split(".")[1][0] in "gp" else "cpu"
-    domain = "amazonaws.com.cn" if c.region.startswith("cn-") else "amazonaws.com"
-    account = DLC_ACCOUNTS.get(c.region, DLC_ACCOUNT)
-    return f"{account}.dkr.ecr.{c.region}.{domain}/tensorflow-training:{DLC_TAGS[device]}"
+    return aws.dlc_image(c.region, "tensorflow-training", DLC_TAGS[aws.device_of(c.instance_type)])
 
 
 def cost_line(c) -> str:
@@ -242,11 +229,10 @@ def upload_code(s3, c, root: Path) -> str:
     data = source_archive(root)
     key = f"{c.prefix}/code/{hashlib.sha256(data).hexdigest()}/sourcedir.tar.gz"
     uri = f"s3://{c.bucket}/{key}"
-    if aws.unless_missing(s3.head_object, "404", Bucket=c.bucket, Key=key) is not None:
-        print(f"train: the code is already in {uri}: not uploaded")
-    else:
-        s3.put_object(Bucket=c.bucket, Key=key, Body=data)
+    if aws.put_once(s3, c.bucket, key, data):
         print(f"train: uploaded the code ({len(data) / 1e3:.0f} kB) to {uri}")
+    else:
+        print(f"train: the code is already in {uri}: not uploaded")
     return uri
 
 
@@ -442,11 +428,9 @@ def _check_settings(s3, c) -> None:
     where = f"conf/compute/{c.name}.yaml"
     if not c.role_arn:
         raise ConfigError(f"{where}: role_arn is not set: export SAGEMAKER_ROLE_ARN=<the IAM role the job assumes>")
-    if not c.bucket:
-        raise ConfigError(f"{where}: bucket is not set: export SAGEMAKER_BUCKET=<an S3 bucket in {c.region}>")
-    if aws.unless_missing(s3.head_bucket, "404", Bucket=c.bucket) is None:
-        raise TrainingJobError(f"compute.bucket: there is no bucket {c.bucket}; create it in {c.region} "
-                               "(aws s3 mb s3://<name>) or point SAGEMAKER_BUCKET at one")
+    problem = aws.bucket_problem(s3, c.bucket, where, c.region)
+    if problem:
+        raise ConfigError(problem)
 
 
 def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *,

@@ -47,8 +47,15 @@ def sample_records(sample_raw) -> Path:
 def demo_run(tmp_path_factory):
     """`make demo` in a fresh copy of the repo, from a user's shell (no venv on PATH): the whole
     pipeline on the sample, as users run it. Returns the copy and the finished command."""
+    import shutil
+    import subprocess
+
     from tests.repo_copy import make, make_repo_copy
 
+    finished = os.environ.get("DETKIT_TEST_DEMO_REPO")
+    if finished:  # iterating on later tests: a copy of a demo run made before (test_demo needs a real one)
+        root = Path(shutil.copytree(finished, tmp_path_factory.mktemp("demo") / "repo", symlinks=True))
+        return root, subprocess.CompletedProcess(["make", "demo"], 0, "", "")
     root = make_repo_copy(tmp_path_factory.mktemp("demo"))
     result = make(root, "demo")
     assert result.returncode == 0, f"make demo failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

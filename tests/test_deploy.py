@@ -1,11 +1,13 @@
-"""detkit.deploy against moto in server mode on 127.0.0.1: the endpoint lifecycle, the quality
-gate, rollback, and the Make targets. No Docker engine here: the docker steps are a recorded
+"""detkit.deploy against moto in server mode on 127.0.0.1: the endpoint lifecycle with either
+image kind, the quality gate, the batching plan, guarded updates and their alarms,
+autoscaling, and the Make targets. No Docker engine here: the docker steps are a recorded
 no-op (``RecordingDocker``), and moto's missing ``update_endpoint`` is emulated behind the
 module's one seam (``MotoEndpointSwitch``)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -22,6 +24,8 @@ pytestmark = pytest.mark.slow
 
 ROLE = "arn:aws:iam::123456789012:role/sagemaker-execution"
 REGION = "us-east-1"
+BUCKET = "pets-deploy"
+AWS_IMAGE = "763104351884.dkr.ecr.us-east-1.amazonaws.com/tensorflow-inference:2.19.0-cpu-py312-ubuntu22.04-sagemaker"
 
 
 class RecordingDocker:
@@ -43,62 +47,66 @@ class RecordingDocker:
 
 
 class MotoEndpointSwitch(deploy.EndpointSwitch):
-    """moto has no update_endpoint: an update re-creates the endpoint on the new config. With
-    ``fail_next_update`` the next update ends Failed on the old config, as a real update whose
-    new instances never come up."""
+    """moto has no update_endpoint: an update re-creates the endpoint on the new config, and the
+    request's DeploymentConfig is recorded. With ``roll_back_next_update`` the next update ends
+    as SageMaker ends one whose alarm fired: InService on the old config, with the reason."""
 
-    def __init__(self, sagemaker, fail_next_update=False):
+    def __init__(self, sagemaker, roll_back_next_update=False):
         super().__init__(sagemaker, wait_minutes=1)
-        self.fail_next_update = fail_next_update
+        self.roll_back_next_update = roll_back_next_update
         self.updates = []
-        self.failed = None
+        self.rolled_back = False
 
-    def update(self, endpoint, config):
-        self.updates.append(config)
-        if self.fail_next_update:
-            self.fail_next_update, self.failed = False, config
+    def update(self, endpoint, config, deployment_config):
+        self.updates.append((config, deployment_config))
+        if self.roll_back_next_update:
+            self.roll_back_next_update, self.rolled_back = False, True
             return
         arn = self.sagemaker.describe_endpoint(EndpointName=endpoint)["EndpointArn"]
         tags = self.sagemaker.list_tags(ResourceArn=arn)["Tags"]
         self.sagemaker.delete_endpoint(EndpointName=endpoint)
         self.sagemaker.create_endpoint(EndpointName=endpoint, EndpointConfigName=config, Tags=tags)
-        self.failed = None
+        self.rolled_back = False
 
     def wait(self, endpoint):
         state = super().wait(endpoint)
-        if self.failed:
-            return {**state, "EndpointStatus": "Failed", "FailureReason": "instances failed the /ping health check"}
+        if self.rolled_back:
+            alarm = self.updates[-1][1]["AutoRollbackConfiguration"]["Alarms"][0]["AlarmName"]
+            return {**state, "FailureReason": f"Deployment rolled back: alarm {alarm} went into ALARM"}
         return state
 
 
 @pytest.fixture(scope="module")
 def moto_url():
-    with moto_server({"AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "SAGEMAKER_ROLE_ARN": ROLE}) as url:
+    with moto_server({"AWS_REGION": REGION, "AWS_DEFAULT_REGION": REGION, "SAGEMAKER_ROLE_ARN": ROLE,
+                      "SAGEMAKER_BUCKET": BUCKET}) as url:
         yield url
 
 
 @pytest.fixture
 def aws(moto_url):
     requests.post(f"{moto_url}/moto-api/reset", timeout=10)
-    return deploy.clients(REGION)
+    made = deploy.clients(REGION)
+    made["s3"].create_bucket(Bucket=BUCKET)
+    return made
 
 
 @pytest.fixture(scope="module")
 def packaged(demo_repo):
-    """The demo's package stage output and eval metrics."""
-    return demo_repo / "build" / "serving", demo_repo / "metrics" / "eval.json"
+    """The demo's package stage outputs and eval metrics."""
+    return demo_repo / "build" / "serving", demo_repo / "metrics" / "eval.json", demo_repo / "build" / "model.tar.gz"
 
 
 def settings_for(packaged, *overrides, tag="rev1"):
     cfg = load_config(overrides=[f"deploy.image_tag={tag}", *overrides])
-    context, metrics = packaged
-    return deploy.Settings(cfg.deploy, cfg.export.model_name, context, metrics)
+    context, metrics, archive = packaged
+    return deploy.Settings(cfg.deploy, cfg.export.model_name, cfg.model.serving_gib, context, metrics, archive)
 
 
 def test_first_deploy_creates_repository_model_config_and_endpoint(aws, packaged, capsys):
-    sagemaker, ecr, _ = aws
+    sagemaker, ecr = aws["sagemaker"], aws["ecr"]
     docker = RecordingDocker()
-    result = deploy.deploy(settings_for(packaged), sagemaker, ecr, docker, MotoEndpointSwitch(sagemaker))
+    result = deploy.deploy(settings_for(packaged), aws, docker, MotoEndpointSwitch(sagemaker))
     repository = ecr.describe_repositories(repositoryNames=["pet-object-detection"])["repositories"][0]
     assert repository["imageTagMutability"] == "IMMUTABLE"
     image = f"{repository['repositoryUri']}:rev1"
@@ -106,72 +114,177 @@ def test_first_deploy_creates_repository_model_config_and_endpoint(aws, packaged
                             ("push", image)]
     model = sagemaker.describe_model(ModelName=result["model"])
     assert model["PrimaryContainer"]["Image"] == image and model["ExecutionRoleArn"] == ROLE
-    assert model["PrimaryContainer"]["Environment"] == {"MODEL_NAME": "pet_object_detection"}
+    # The default model (ResNet-50) on ml.m5.large: (0.8 x 8 GiB - 0.6) / (2 threads x 0.2 GiB) -> 14.
+    assert model["PrimaryContainer"]["Environment"] == {"MODEL_NAME": "pet_object_detection",
+                                                        "TFS_MAX_BATCH_SIZE": "14", "TFS_NUM_BATCH_THREADS": "2"}
     variant = sagemaker.describe_endpoint_config(EndpointConfigName=result["config"])["ProductionVariants"][0]
     assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == \
         (result["model"], "ml.m5.large", 1)
     endpoint = sagemaker.describe_endpoint(EndpointName="pet-object-detection")
     assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", result["config"])
     out = capsys.readouterr().out
+    assert "serving: batches of up to 14 images on 2 batch threads: about 6.2 GiB of ml.m5.large's 8 GiB" in out
     assert "make invoke IMAGE=" in out and "$0.115/hour" in out and "make undeploy" in out
     assert "testing" not in out  # no credential is ever printed
 
 
-def test_second_deploy_switches_the_endpoint_to_a_new_model(aws, packaged):
-    sagemaker, ecr, _ = aws
+def test_aws_image_deploy_needs_no_docker_and_uploads_the_archive_once(aws, packaged, capsys):
+    sagemaker, s3 = aws["sagemaker"], aws["s3"]
+    docker = RecordingDocker()
     switch = MotoEndpointSwitch(sagemaker)
-    first = deploy.deploy(settings_for(packaged), sagemaker, ecr, RecordingDocker(), switch)
-    second = deploy.deploy(settings_for(packaged, tag="rev2"), sagemaker, ecr, RecordingDocker(), switch)
-    assert second["model"] != first["model"] and second["config"] != first["config"]
-    assert second["previous"] == first["config"] and switch.updates == [second["config"]]
+    first = deploy.deploy(settings_for(packaged, "deploy.image=aws"), aws, docker, switch)
+    digest = json.loads((packaged[0] / "package.json").read_text())["model_tar_gz_sha256"]
+    key = f"pet-object-detection/models/{digest}/model.tar.gz"
+    assert s3.get_object(Bucket=BUCKET, Key=key)["Body"].read() == packaged[2].read_bytes()
+    container = sagemaker.describe_model(ModelName=first["model"])["PrimaryContainer"]
+    assert container["Image"] == AWS_IMAGE and container["ModelDataUrl"] == f"s3://{BUCKET}/{key}"
+    assert container["Environment"]["SAGEMAKER_TFS_DEFAULT_MODEL_NAME"] == "pet_object_detection"
+    assert container["Environment"]["SAGEMAKER_TFS_MAX_BATCH_SIZE"] == "14"
+    endpoint = sagemaker.describe_endpoint(EndpointName="pet-object-detection")
+    assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", first["config"])
+    uploaded = s3.head_object(Bucket=BUCKET, Key=key)["LastModified"]
+    assert f"uploaded {packaged[2]}" in capsys.readouterr().out
+
+    second = deploy.deploy(settings_for(packaged, "deploy.image=aws"), aws, docker, switch)
+    assert "is already in S3 (same sha256): not uploaded" in capsys.readouterr().out
+    assert s3.head_object(Bucket=BUCKET, Key=key)["LastModified"] == uploaded
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]] == [key]
+    assert second["image"] == AWS_IMAGE and docker.calls == []
+
+
+def test_aws_image_is_resolved_per_region_and_device(packaged):
+    settings = settings_for(packaged, "deploy.image=aws", "deploy.region=eu-south-1",
+                            "deploy.instance_type=ml.g4dn.xlarge")
+    assert deploy.aws_image(settings) == ("692866216735.dkr.ecr.eu-south-1.amazonaws.com/tensorflow-inference:"
+                                          "2.19.0-gpu-py312-cu122-ubuntu22.04-sagemaker")
+
+
+def test_make_deploy_with_the_aws_image_from_a_users_shell(aws, demo_repo):
+    result = make(demo_repo, "deploy", "DEPLOY_IMAGE=aws")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "AWS's TensorFlow Serving image" in result.stdout and "InService" in result.stdout
+    model = aws["sagemaker"].list_models()["Models"][0]["ModelName"]
+    assert "ModelDataUrl" in aws["sagemaker"].describe_model(ModelName=model)["PrimaryContainer"]
+    status = make(demo_repo, "status")
+    assert status.returncode == 0, status.stderr
+    assert f"on {AWS_IMAGE} with s3://{BUCKET}/pet-object-detection/models/" in status.stdout
+
+
+def test_update_is_blue_green_with_the_endpoints_alarms(aws, packaged, capsys):
+    sagemaker, cloudwatch = aws["sagemaker"], aws["cloudwatch"]
+    switch = MotoEndpointSwitch(sagemaker)
+    first = deploy.deploy(settings_for(packaged), aws, RecordingDocker(), switch)
+    second = deploy.deploy(settings_for(packaged, "deploy.rollout.traffic=linear", "deploy.rollout.step_percent=25",
+                                        tag="rev2"), aws, RecordingDocker(), switch)
+    assert second["previous"] == first["config"]
+    alarms = ["pet-object-detection-5xx-errors", "pet-object-detection-model-latency"]
+    assert switch.updates == [(second["config"], {
+        "BlueGreenUpdatePolicy": {
+            "TrafficRoutingConfiguration": {"Type": "LINEAR", "WaitIntervalInSeconds": 300,
+                                            "LinearStepSize": {"Type": "CAPACITY_PERCENT", "Value": 25}},
+            "TerminationWaitInSeconds": 120, "MaximumExecutionTimeoutInSeconds": 3600},
+        "AutoRollbackConfiguration": {"Alarms": [{"AlarmName": name} for name in alarms]}})]
+    assert "blue/green, steps of 25%, 300 s baking per step" in capsys.readouterr().out
     assert sagemaker.describe_endpoint(EndpointName="pet-object-detection")["EndpointConfigName"] == second["config"]
-    assert sagemaker.describe_model(ModelName=second["model"])["PrimaryContainer"]["Image"].endswith(":rev2")
+    found = {a["AlarmName"]: a for a in cloudwatch.describe_alarms(AlarmNames=alarms)["MetricAlarms"]}
+    assert sorted(found) == alarms
+    errors, latency = found[alarms[0]], found[alarms[1]]
+    assert (errors["MetricName"], errors["Statistic"], errors["Threshold"], errors["EvaluationPeriods"]) == \
+        ("Invocation5XXErrors", "Sum", 1.0, 2)
+    assert (latency["MetricName"], latency["Threshold"]) == ("ModelLatency", 5_000_000.0)  # microseconds
+    assert {"Name": "EndpointName", "Value": "pet-object-detection"} in errors["Dimensions"]
 
 
-def test_failed_update_rolls_back_to_the_previous_config(aws, packaged, capsys):
-    sagemaker, ecr, _ = aws
+def test_canary_is_the_default_rollout(packaged):
+    config = deploy.guardrails.deployment_config(settings_for(packaged).cfg, ["a"])
+    assert config["BlueGreenUpdatePolicy"]["TrafficRoutingConfiguration"] == {
+        "Type": "CANARY", "WaitIntervalInSeconds": 300, "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 50}}
+
+
+def test_an_update_sagemaker_rolled_back_is_reported_as_such(aws, packaged):
+    sagemaker = aws["sagemaker"]
     switch = MotoEndpointSwitch(sagemaker)
-    first = deploy.deploy(settings_for(packaged), sagemaker, ecr, RecordingDocker(), switch)
-    switch.fail_next_update = True
-    with pytest.raises(deploy.DeployError, match=f"rolled back: endpoint pet-object-detection is InService with "
-                                                 f"{first['config']}"):
-        deploy.deploy(settings_for(packaged, tag="rev2"), sagemaker, ecr, RecordingDocker(), switch)
-    assert "rolling back to " + first["config"] in capsys.readouterr().out
+    first = deploy.deploy(settings_for(packaged), aws, RecordingDocker(), switch)
+    switch.roll_back_next_update = True
+    with pytest.raises(deploy.DeployError, match=f"alarm pet-object-detection-5xx-errors went into ALARM.*endpoint "
+                                                 f"pet-object-detection is InService with {first['config']}"):
+        deploy.deploy(settings_for(packaged, tag="rev2"), aws, RecordingDocker(), switch)
+    assert len(switch.updates) == 1  # no second, hand-made update: SageMaker rolled back by itself
     endpoint = sagemaker.describe_endpoint(EndpointName="pet-object-detection")
     assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", first["config"])
 
 
+def test_autoscaling_is_applied_with_the_configured_values(aws, packaged, capsys):
+    scaling = aws["application-autoscaling"]
+    settings = settings_for(packaged, "deploy.autoscaling.max_instances=3",
+                            "deploy.autoscaling.target_invocations_per_instance=120")
+    deploy.deploy(settings, aws, RecordingDocker(), MotoEndpointSwitch(aws["sagemaker"]))
+    resource = "endpoint/pet-object-detection/variant/AllTraffic"
+    target = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[resource])["ScalableTargets"]
+    assert [(t["MinCapacity"], t["MaxCapacity"], t["ScalableDimension"]) for t in target] == \
+        [(1, 3, "sagemaker:variant:DesiredInstanceCount")]
+    policy = scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"]
+    tracking = policy[0]["TargetTrackingScalingPolicyConfiguration"]
+    assert (policy[0]["PolicyType"], tracking["TargetValue"], tracking["ScaleInCooldown"],
+            tracking["ScaleOutCooldown"]) == ("TargetTrackingScaling", 120.0, 300, 60)
+    assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == "SageMakerVariantInvocationsPerInstance"
+    out = capsys.readouterr().out
+    assert "autoscaling: 1-3 instances, holding 120 invocations per instance per minute" in out
+    assert "autoscaling may run up to 3 ($0.35/hour)" in out
+
+
+@pytest.mark.parametrize(("overrides", "size"), [([], 14), (["deploy.instance_type=ml.t2.medium"], 6),
+                                                 (["deploy.instance_type=ml.m5.xlarge"], 15),
+                                                 (["model=retinanet_tiny"], 32)])
+def test_batch_size_is_what_the_instance_memory_holds(packaged, overrides, size):
+    assert deploy.serving_plan(settings_for(packaged, *overrides))["max_batch_size"] == size
+
+
+def test_batch_size_that_does_not_fit_is_refused_with_the_figures(packaged):
+    with pytest.raises(deploy.DeployError, match=r"max_batch_size 32 x 2 batch threads needs about 13.4 GiB; "
+                                                 r"ml.m5.large offers 6.4 GiB \(at most 14 fits\)"):
+        deploy.serving_plan(settings_for(packaged, "deploy.serving.max_batch_size=32"))
+
+
 def test_gate_refuses_a_model_below_min_ap50_and_creates_nothing(aws, packaged):
-    sagemaker, ecr, _ = aws
+    sagemaker, ecr = aws["sagemaker"], aws["ecr"]
     ap50 = json.loads(packaged[1].read_text())["AP50"]
-    with pytest.raises(deploy.DeployError, match=rf"AP50 {ap50:.3f} in .*eval.json is below deploy.min_ap50 0.99"):
-        deploy.deploy(settings_for(packaged, "deploy.min_ap50=0.99"), sagemaker, ecr, RecordingDocker(),
+    assert ap50 < 1.0  # the demo model is good, not perfect: 1.0 refuses it
+    with pytest.raises(deploy.DeployError, match=rf"AP50 {ap50:.3f} in .*eval.json is below deploy.min_ap50 1.0"):
+        deploy.deploy(settings_for(packaged, "deploy.min_ap50=1.0"), aws, RecordingDocker(),
                       MotoEndpointSwitch(sagemaker))
     assert sagemaker.list_models()["Models"] == [] and ecr.describe_repositories()["repositories"] == []
 
 
 def test_gate_refuses_a_failed_export_check(aws, packaged, tmp_path):
-    sagemaker, ecr, _ = aws
+    sagemaker = aws["sagemaker"]
     context = tmp_path / "serving"
     shutil.copytree(packaged[0], context)
     manifest = json.loads((context / "package.json").read_text())
     (context / "package.json").write_text(json.dumps({**manifest, "export_check_passed": False}))
-    settings = settings_for((context, packaged[1]))
+    settings = settings_for((context, *packaged[1:]))
     with pytest.raises(deploy.DeployError, match="export check of pet_object_detection version 1 failed .*"
                                                  "export_check.json"):
-        deploy.deploy(settings, sagemaker, ecr, RecordingDocker(), MotoEndpointSwitch(sagemaker))
+        deploy.deploy(settings, aws, RecordingDocker(), MotoEndpointSwitch(sagemaker))
     assert sagemaker.list_models()["Models"] == []
 
 
 def test_deploy_without_a_role_says_how_to_set_it(aws, packaged, monkeypatch):
-    sagemaker, ecr, _ = aws
     monkeypatch.delenv("SAGEMAKER_ROLE_ARN")
     with pytest.raises(deploy.DeployError, match="export SAGEMAKER_ROLE_ARN="):
-        deploy.deploy(settings_for(packaged), sagemaker, ecr, RecordingDocker(), MotoEndpointSwitch(sagemaker))
+        deploy.deploy(settings_for(packaged), aws, RecordingDocker(), MotoEndpointSwitch(aws["sagemaker"]))
 
 
-def test_make_undeploy_removes_ours_and_leaves_the_rest(aws, packaged, demo_repo):
-    sagemaker, ecr, _ = aws
+def test_aws_image_without_a_bucket_says_how_to_set_it(aws, packaged, monkeypatch):
+    monkeypatch.delenv("SAGEMAKER_BUCKET")
+    with pytest.raises(deploy.DeployError, match="bucket is not set: export SAGEMAKER_BUCKET="):
+        deploy.deploy(settings_for(packaged, "deploy.image=aws"), aws, RecordingDocker(),
+                      MotoEndpointSwitch(aws["sagemaker"]))
+    assert aws["sagemaker"].list_models()["Models"] == []
+
+
+def test_make_status_and_undeploy_cover_alarms_and_autoscaling_and_leave_the_rest(aws, packaged, demo_repo):
+    sagemaker, cloudwatch, scaling = aws["sagemaker"], aws["cloudwatch"], aws["application-autoscaling"]
     theirs = [{"Key": "team", "Value": "someone-else"}]
     sagemaker.create_model(ModelName="pet-object-detection-theirs", ExecutionRoleArn=ROLE, Tags=theirs,
                            PrimaryContainer={"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/other:1"})
@@ -181,40 +294,53 @@ def test_make_undeploy_removes_ours_and_leaves_the_rest(aws, packaged, demo_repo
                                                           "InitialInstanceCount": 1}])
     sagemaker.create_endpoint(EndpointName="their-endpoint", EndpointConfigName="pet-object-detection-theirs",
                               Tags=theirs)
+    cloudwatch.put_metric_alarm(AlarmName="their-alarm", Namespace="AWS/SageMaker", MetricName="ModelLatency",
+                                Statistic="Average", Period=60, EvaluationPeriods=1, Threshold=1.0,
+                                ComparisonOperator="GreaterThanThreshold")
     switch = MotoEndpointSwitch(sagemaker)
-    deploy.deploy(settings_for(packaged), sagemaker, ecr, RecordingDocker(), switch)
-    deploy.deploy(settings_for(packaged, tag="rev2"), sagemaker, ecr, RecordingDocker(), switch)
+    deploy.deploy(settings_for(packaged), aws, RecordingDocker(), switch)
+    deploy.deploy(settings_for(packaged, "deploy.image=aws"), aws, RecordingDocker(), switch)
 
     status = make(demo_repo, "status")
     assert status.returncode == 0, status.stderr
     assert "endpoint pet-object-detection: InService" in status.stdout
+    assert re.search(r"alarms: pet-object-detection-5xx-errors \(\w+\), pet-object-detection-model-latency \(\w+\)",
+                     status.stdout)
+    assert ("autoscaling: 1-2 instances, pet-object-detection-invocations-per-instance (target 60 "
+            "SageMakerVariantInvocationsPerInstance, cool-downs in 300 s / out 60 s)") in status.stdout
     assert "pet-object-detection-theirs" not in status.stdout
 
     result = make(demo_repo, "undeploy")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "removed the autoscaling of pet-object-detection" in result.stdout
     assert "deleted endpoint pet-object-detection" in result.stdout
     assert [e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]] == ["their-endpoint"]
     assert [m["ModelName"] for m in sagemaker.list_models()["Models"]] == ["pet-object-detection-theirs"]
     assert [c["EndpointConfigName"] for c in sagemaker.list_endpoint_configs()["EndpointConfigs"]] == \
         ["pet-object-detection-theirs"]
+    assert [a["AlarmName"] for a in cloudwatch.describe_alarms()["MetricAlarms"]] == ["their-alarm"]
+    assert scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+    assert scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"] == []
     assert sagemaker.describe_endpoint(EndpointName="their-endpoint")["EndpointStatus"] == "InService"
     again = make(demo_repo, "undeploy")
-    assert again.returncode == 0 and "deleted 0 endpoint configs and 0 models" in again.stdout
+    assert again.returncode == 0 and "deleted 0 alarms, 0 endpoint configs and 0 models" in again.stdout
+    assert "autoscaling: none" in make(demo_repo, "status").stdout
 
 
-def test_make_deploy_without_docker_says_so(aws, demo_repo):
+def test_make_deploy_without_docker_says_so_and_names_the_way_without(aws, demo_repo):
     if deploy.DockerEngine.available():
         pytest.skip("a Docker engine exists here: make deploy would really build and push")
     result = make(demo_repo, "deploy")
     assert result.returncode != 0
-    assert "no Docker engine here" in result.stderr
-    assert aws[0].list_models()["Models"] == []
+    assert "no Docker engine here" in result.stderr and "make deploy DEPLOY_IMAGE=aws" in result.stderr
+    assert aws["sagemaker"].list_models()["Models"] == []
 
 
 def test_make_invoke_sends_the_rest_body_and_reports(aws, moto_url, demo_repo, served, val_examples, tmp_path):
     # moto's invoke_endpoint answers from a queue: fill it with the real model's answer.
     example = val_examples[0]
-    answer = requests.post(served.invocations_url, data=request_body([example["encoded"]]), timeout=60).text
+    answer = requests.post(served.invocations_url, data=request_body([example["encoded"]]), timeout=60,
+                           headers={"content-type": "application/json"}).text
     requests.post(f"{moto_url}/moto-api/static/sagemaker/endpoint-results", timeout=10,
                   json={"region": REGION, "results": [{"Body": answer, "ContentType": "application/json"}]})
     image = tmp_path / "pet.jpg"
