@@ -186,7 +186,7 @@ def test_serving_page_states_the_image_ports_and_nginx_limits():
     assert f"uid {uid}" in text and f"`EXPOSE {port}`" in text
     assert re.search(r"^LABEL (\S+)$", dockerfile, re.M)[1] in text
     limits = re.findall(r"^\s*((?:client_max_body_size|proxy_\w+_timeout) \w+);", nginx, re.M)
-    assert len(limits) == 4 and missing_mentions(text, limits) == []
+    assert len(limits) == 5 and missing_mentions(text, limits) == []
     statuses = re.findall(r"^\s*error_page (\d+)", nginx, re.M)
     assert statuses and [s for s in statuses if not re.search(rf"^\|[^|\n]+\| {s}\b", text, re.M)] == []
     render = (ROOT / "serving" / "render-nginx-conf.sh").read_text()
@@ -200,14 +200,17 @@ def test_serving_page_states_the_image_ports_and_nginx_limits():
 def test_deploy_page_names_every_setting_environment_and_make_variable():
     text = page("deploy")
     keys = [field.name for field in dataclasses.fields(config.Deploy)]
-    for key in keys:
-        table_row(text, key)
+    for field in dataclasses.fields(config.Deploy):
+        group = field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+        nested = dataclasses.fields(group) if dataclasses.is_dataclass(group) else []
+        for key in [f"{field.name}.{sub.name}" for sub in nested] or [field.name]:
+            table_row(text, key)
     settings = yaml.safe_load((ROOT / "conf" / "deploy" / "sagemaker.yaml").read_text())
     assert set(settings) <= set(keys)
     environment = re.findall(r"\$\{oc\.env:(\w+)", (ROOT / "conf" / "deploy" / "sagemaker.yaml").read_text())
     assert environment and missing_mentions(text, environment) == []
     make_overrides = re.findall(r"--set deploy\.(\w+)=\$\((\w+)\)", (ROOT / "Makefile").read_text())
-    assert len(make_overrides) == 3
+    assert len(make_overrides) == 4
     for key, variable in make_overrides:
         assert f"--set deploy.{key}=" in text and f"{variable}=" in text
 
