@@ -114,16 +114,16 @@ def test_first_deploy_creates_repository_model_config_and_endpoint(aws, packaged
                             ("push", image)]
     model = sagemaker.describe_model(ModelName=result["model"])
     assert model["PrimaryContainer"]["Image"] == image and model["ExecutionRoleArn"] == ROLE
-    # The default model (ResNet-50) on ml.m5.large: (0.8 x 8 GiB - 0.6) / (2 threads x 0.2 GiB) -> 14.
+    # The default model (ResNet-50) on ml.m5.large: (0.8 x 8 GiB - 1.2) / (2 threads x 0.16 GiB) -> 16.
     assert model["PrimaryContainer"]["Environment"] == {"MODEL_NAME": "pet_object_detection",
-                                                        "TFS_MAX_BATCH_SIZE": "14", "TFS_NUM_BATCH_THREADS": "2"}
+                                                        "TFS_MAX_BATCH_SIZE": "16", "TFS_NUM_BATCH_THREADS": "2"}
     variant = sagemaker.describe_endpoint_config(EndpointConfigName=result["config"])["ProductionVariants"][0]
     assert (variant["ModelName"], variant["InstanceType"], variant["InitialInstanceCount"]) == \
         (result["model"], "ml.m5.large", 1)
     endpoint = sagemaker.describe_endpoint(EndpointName="pet-object-detection")
     assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", result["config"])
     out = capsys.readouterr().out
-    assert "serving: batches of up to 14 images on 2 batch threads: about 6.2 GiB of ml.m5.large's 8 GiB" in out
+    assert "serving: batches of up to 16 images on 2 batch threads: about 6.3 GiB of ml.m5.large's 8 GiB" in out
     assert "make invoke IMAGE=" in out and "$0.115/hour" in out and "make undeploy" in out
     assert "testing" not in out  # no credential is ever printed
 
@@ -139,7 +139,7 @@ def test_aws_image_deploy_needs_no_docker_and_uploads_the_archive_once(aws, pack
     container = sagemaker.describe_model(ModelName=first["model"])["PrimaryContainer"]
     assert container["Image"] == AWS_IMAGE and container["ModelDataUrl"] == f"s3://{BUCKET}/{key}"
     assert container["Environment"]["SAGEMAKER_TFS_DEFAULT_MODEL_NAME"] == "pet_object_detection"
-    assert container["Environment"]["SAGEMAKER_TFS_MAX_BATCH_SIZE"] == "14"
+    assert container["Environment"]["SAGEMAKER_TFS_MAX_BATCH_SIZE"] == "16"
     endpoint = sagemaker.describe_endpoint(EndpointName="pet-object-detection")
     assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", first["config"])
     uploaded = s3.head_object(Bucket=BUCKET, Key=key)["LastModified"]
@@ -233,16 +233,16 @@ def test_autoscaling_is_applied_with_the_configured_values(aws, packaged, capsys
     assert "autoscaling may run up to 3 ($0.35/hour)" in out
 
 
-@pytest.mark.parametrize(("overrides", "size"), [([], 14), (["deploy.instance_type=ml.t2.medium"], 6),
-                                                 (["deploy.instance_type=ml.m5.xlarge"], 15),
+@pytest.mark.parametrize(("overrides", "size"), [([], 16), (["deploy.instance_type=ml.t2.medium"], 6),
+                                                 (["deploy.instance_type=ml.m5.xlarge"], 18),
                                                  (["model=retinanet_tiny"], 32)])
 def test_batch_size_is_what_the_instance_memory_holds(packaged, overrides, size):
     assert deploy.serving_plan(settings_for(packaged, *overrides))["max_batch_size"] == size
 
 
 def test_batch_size_that_does_not_fit_is_refused_with_the_figures(packaged):
-    with pytest.raises(deploy.DeployError, match=r"max_batch_size 32 x 2 batch threads needs about 13.4 GiB; "
-                                                 r"ml.m5.large offers 6.4 GiB \(at most 14 fits\)"):
+    with pytest.raises(deploy.DeployError, match=r"max_batch_size 32 x 2 batch threads needs about 11.4 GiB; "
+                                                 r"ml.m5.large offers 6.4 GiB \(at most 16 fits\)"):
         deploy.serving_plan(settings_for(packaged, "deploy.serving.max_batch_size=32"))
 
 
