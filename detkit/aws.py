@@ -76,6 +76,13 @@ def project_tags(value: str) -> list[dict[str, str]]:
     return [{"Key": PROJECT_TAG_KEY, "Value": value}]
 
 
+def call_errors() -> tuple[type[Exception], ...]:
+    """What a boto3 call raises when AWS refuses it or cannot be reached (no credentials, no network)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return BotoCoreError, ClientError
+
+
 def error_code(exc: Exception) -> str:
     return getattr(exc, "response", {}).get("Error", {}).get("Code", "")
 

@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DeployError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except aws.call_errors() as exc:
+        print(f"error: AWS ({cfg.deploy.region}): {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

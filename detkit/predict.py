@@ -28,6 +28,7 @@ from detkit.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, newest_version
 from detkit.labelmap import LabelMapError, read_label_map
 
 DEFAULT_URL = "http://127.0.0.1:8080/invocations"
+DEFAULT_TOP, DEFAULT_MIN_SCORE = 5, 0.3  # detections printed and drawn, and the lowest score among them
 
 
 class PredictError(RuntimeError):
@@ -83,22 +84,33 @@ def label_map_of(export: Path) -> dict[int, str]:
     return read_label_map(version / EXPORT_LABEL_MAP)
 
 
-def report(image_path: Path, image_bytes: bytes, prediction: dict[str, Any], label_map: dict[int, str], out: Path,
-           top: int, min_score: float) -> list[dict[str, Any]]:
-    """Print the top detections and write the image with them drawn to ``out``."""
+def draw_detections(image_bytes: bytes, prediction: dict[str, Any], label_map: dict[int, str], out: Path,
+                    top: int, min_score: float) -> list[dict[str, Any]]:
+    """Write the image with its top detections drawn to ``out`` (PNG, atomically); returns those detections.
+
+    One prediction in the REST answer's form (``{"detection_boxes": ..., ...}``): what `make predict`,
+    `make invoke` and `make batch --draw` draw.
+    """
     found = top_detections(prediction, label_map, top, min_score)
-    print(f"{image_path}: {int(prediction['num_detections'])} detections, "
-          f"{len(found)} with score >= {min_score}:")
-    for d in found:
-        ymin, xmin, ymax, xmax = d["box"]
-        print(f"  {d['class']:<28} {d['score']:.3f}  box (ymin, xmin, ymax, xmax) "
-              f"{ymin:.3f} {xmin:.3f} {ymax:.3f} {xmax:.3f}")
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
     draw_boxes(image, [d["box"] for d in found],
                detection_labels([d["id"] for d in found], [d["score"] for d in found], label_map), PREDICTED)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
+    return found
+
+
+def report(image_path: Path, image_bytes: bytes, prediction: dict[str, Any], label_map: dict[int, str], out: Path,
+           top: int, min_score: float) -> list[dict[str, Any]]:
+    """Print the top detections and write the image with them drawn to ``out``."""
+    found = draw_detections(image_bytes, prediction, label_map, out, top, min_score)
+    print(f"{image_path}: {int(prediction['num_detections'])} detections, "
+          f"{len(found)} with score >= {min_score}:")
+    for d in found:
+        ymin, xmin, ymax, xmax = d["box"]
+        print(f"  {d['class']:<28} {d['score']:.3f}  box (ymin, xmin, ymax, xmax) "
+              f"{ymin:.3f} {xmin:.3f} {ymax:.3f} {xmax:.3f}")
     print(f"wrote {out}")
     return found
 
@@ -109,8 +121,8 @@ def client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", type=Path, help="export folder <base>/<model_name>: its newest label map")
     parser.add_argument("--label-map", type=Path, help="label_map.pbtxt (instead of --export)")
     parser.add_argument("--out", type=Path, help="image with boxes to write (default: <image>_detections.png)")
-    parser.add_argument("--top", type=int, default=5, help="detections to print and draw")
-    parser.add_argument("--min-score", type=float, default=0.3, help="lowest score printed and drawn")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="detections to print and draw")
+    parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE, help="lowest score printed and drawn")
 
 
 def run_client(args: argparse.Namespace, send: Callable[[str], dict[str, Any]]) -> int:

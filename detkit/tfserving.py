@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import collections
 import dataclasses
 import difflib
@@ -150,11 +149,15 @@ class ServedModel:
         self._servable(version)
         try:
             payload = json.loads(body)
-        except ValueError as exc:  # also UnicodeDecodeError
+        except ValueError as exc:  # also UnicodeDecodeError, and integers of more than 4300 digits
             raise RequestError(400, f"JSON Parse error: {exc}") from exc
+        except RecursionError as exc:  # json's parser recurses once per [ or {
+            raise RequestError(400, "JSON Parse error: arrays or objects nested too deeply") from exc
         if not isinstance(payload, dict):
             raise RequestError(400, "JSON Value is not an object: expected {\"instances\": [...]} or {\"inputs\": ...}")
         name = payload.get("signature_name", "serving_default")
+        if not isinstance(name, str):
+            raise RequestError(400, f"'signature_name' must be a string, got {type(name).__name__}")
         if name not in self.signatures:
             raise RequestError(400, f'Serving signature name: "{name}" not found in signature def')
         signature = self.signatures[name]
@@ -213,13 +216,17 @@ def _columnar(inputs: Any, specs: dict[str, Any]) -> dict[str, Any]:
 def _array(name: str, values: Any, spec: Any) -> np.ndarray:
     import tensorflow as tf
 
-    if spec.dtype == tf.string:
-        array = np.asarray(_strings(name, values), dtype=object)
-    else:
-        try:
-            array = np.asarray(values, dtype=spec.dtype.as_numpy_dtype)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(400, f"input '{name}': not a {spec.dtype.name} tensor: {exc}") from exc
+    try:
+        if spec.dtype == tf.string:
+            array = np.asarray(_strings(name, values), dtype=object)
+        else:
+            try:
+                array = np.asarray(values, dtype=spec.dtype.as_numpy_dtype)
+            except (TypeError, ValueError) as exc:
+                raise RequestError(400, f"input '{name}': not a {spec.dtype.name} tensor: {exc}") from exc
+    except RecursionError as exc:  # lists that json could still parse, too deep to walk
+        raise RequestError(400, f"input '{name}': lists nested too deeply for a "
+                                f"{spec.shape.rank}-dimensional input") from exc
     if not spec.shape.is_compatible_with(array.shape):
         raise RequestError(400, f"input '{name}': shape {list(array.shape)} does not match the signature's "
                                 f"{spec.shape.as_list()}")
@@ -233,10 +240,13 @@ def _strings(name: str, values: Any) -> Any:
     if isinstance(values, dict) and set(values) == {"b64"} and isinstance(values["b64"], str):
         try:
             return base64.b64decode(values["b64"], validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or characters that are not ASCII
             raise RequestError(400, f"input '{name}': the 'b64' value is not valid base64: {exc}") from exc
     if isinstance(values, str):
-        return values.encode()
+        try:
+            return values.encode()
+        except UnicodeEncodeError as exc:  # a lone surrogate such as "\ud800", which JSON allows
+            raise RequestError(400, f"input '{name}': a string that is not valid Unicode: {exc}") from exc
     raise RequestError(400, f"input '{name}': expected a string or {{\"b64\": \"...\"}}, got {json.dumps(values)[:80]}")
 
 
@@ -247,12 +257,13 @@ def _call(function, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outputs = function(**{k: tf.constant(v) for k, v in arrays.items()})
     except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
         # TF Serving answers INVALID_ARGUMENT (undecodable image, bad shape) with 400.
-        raise RequestError(400, _reason(getattr(exc, "message", None) or str(exc))) from exc
+        raise RequestError(400, error_reason(exc)) from exc
     return {k: v.numpy() for k, v in outputs.items()}
 
 
-def _reason(message: str) -> str:
-    """The line of a TensorFlow error that says what is wrong, without graph-node noise."""
+def error_reason(exc: Exception) -> str:
+    """The line of a TensorFlow error that says what is wrong, without graph-node noise: TF Serving's 400 text."""
+    message = getattr(exc, "message", None) or str(exc)
     noise = ("Graph execution error", "Detected at node", "<stack traces", "[[")
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return next((line for line in lines if not line.startswith(noise)), lines[0] if lines else "invalid argument")
@@ -424,6 +435,11 @@ def create_app(model: ServedModel) -> Flask:
     @app.errorhandler(404)
     def not_found(_) -> Response:
         return reply(404, {"error": f"Malformed request: {request.method} {request.path}"})
+
+    @app.errorhandler(500)  # a bug here: still JSON, as every answer of TF Serving is
+    def internal_error(exc) -> Response:
+        cause = getattr(exc, "original_exception", None) or exc
+        return reply(500, {"error": f"{request.method} {request.path}: {type(cause).__name__}: {cause}"})
 
     return app
 

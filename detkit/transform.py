@@ -119,4 +119,7 @@ def main(input_uri: str, output_uri: str, overrides: list[str]) -> int:
     except (ConfigError, DeployError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except aws.call_errors() as exc:
+        print(f"error: AWS ({cfg.region}): {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -28,7 +28,7 @@ if [[ "${1:-serve}" != "serve" ]]; then
 fi
 
 NGINX_RUNTIME_DIR="$(mktemp -d "${TMPDIR:-/tmp}/serving.XXXXXX")"
-export MODEL_NAME NGINX_LISTEN TFS_REST_PORT
+export MODEL_NAME NGINX_LISTEN TFS_REST_PORT TFS_NUM_BATCH_THREADS
 "$SERVING_DIR/render-nginx-conf.sh" "$NGINX_RUNTIME_DIR"
 
 batching=()

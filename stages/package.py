@@ -8,7 +8,9 @@ Writes
   layout under ``model/<model_name>/<version>/``, plus ``package.json`` (what was packed);
 - ``<archive>`` (``build/model.tar.gz``): SageMaker's model-data layout,
   ``<model_name>/<version>/saved_model.pb`` + ``variables/`` (+ ``assets.extra/``), so the
-  same model also runs on AWS's prebuilt TensorFlow Serving inference images.
+  same model also runs on AWS's prebuilt TensorFlow Serving inference images, and
+  ``code/inference.py`` (``serving/inference.py``), the handler those images load so that they
+  take raw image bodies as this project's container does.
 
 Both are reproducible: same export, same bytes (sorted members, fixed times and owners).
 
@@ -35,7 +37,9 @@ from detkit.cli import run_stage, stage_parser
 from detkit.fsio import atomic_dir, atomic_write_bytes
 
 # What the Dockerfile copies from the context besides the model: package fails without them.
-SERVING_FILES = ("Dockerfile", "nginx.conf.template", "render-nginx-conf.sh", "entrypoint.sh")
+SERVING_FILES = ("Dockerfile", "nginx.conf.template", "invocations.js", "render-nginx-conf.sh", "entrypoint.sh")
+# In model.tar.gz as code/inference.py, where AWS's TF Serving images look for a request handler.
+HANDLER = "inference.py"
 MODEL_DIR = "model"  # in the context: model/<model_name>/<version>/ (the Dockerfile's COPY source)
 MANIFEST = "package.json"
 
@@ -53,13 +57,17 @@ def newest_version(model_dir: Path) -> Path:
     return version
 
 
-def model_archive(version: Path, model_name: str) -> bytes:
-    """``<model_name>/<version>/...`` as a gzipped tar, byte-identical for identical files."""
+def model_archive(version: Path, model_name: str, handler: Path) -> bytes:
+    """``<model_name>/<version>/...`` and ``code/inference.py`` (``handler``) as a gzipped tar,
+    byte-identical for identical files."""
+    members = [(path, f"{model_name}/{path.relative_to(version.parent)}")
+               for path in [version, *sorted(version.rglob("*"))]]
+    members += [(handler.parent, "code"), (handler, f"code/{HANDLER}")]
     buffer = io.BytesIO()
     # mtime=0 in the gzip header and every tar header: the archive depends on content only.
     with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
-        for path in [version, *sorted(version.rglob("*"))]:
-            info = tar.gettarinfo(str(path), arcname=f"{model_name}/{path.relative_to(version.parent)}")
+        for path, name in members:
+            info = tar.gettarinfo(str(path), arcname=name)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             info.mode = 0o755 if path.is_dir() else 0o644
             if path.is_file():
@@ -75,12 +83,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     model_name = cfg.export.model_name
     version = newest_version(Path(inputs["export"]) / model_name)
     serving = Path(inputs["serving"])
-    missing = [name for name in SERVING_FILES if not (serving / name).is_file()]
+    missing = [name for name in (*SERVING_FILES, HANDLER) if not (serving / name).is_file()]
     if missing:
-        raise PackageError(f"{serving}: missing {', '.join(missing)} (the Dockerfile needs them)")
+        raise PackageError(f"{serving}: missing {', '.join(missing)} (the Dockerfile and model.tar.gz need them)")
     check_file = version / fsio.EXPORT_CHECK
     check = json.loads(check_file.read_text()) if check_file.is_file() else {"passed": False}
-    archive = model_archive(version, model_name)
+    archive = model_archive(version, model_name, serving / HANDLER)
     manifest = {
         "model_name": model_name,
         "version": int(version.name),
@@ -103,7 +111,8 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("stages.package", __doc__)
     parser.add_argument("--export", type=Path, required=True, help="export stage output (<export>/<model_name>/)")
-    parser.add_argument("--serving", type=Path, required=True, help="serving/ (Dockerfile, nginx config, scripts)")
+    parser.add_argument("--serving", type=Path, required=True,
+                        help="serving/ (Dockerfile, nginx config, scripts, inference.py)")
     parser.add_argument("--context", type=Path, required=True, help="docker build context to write")
     parser.add_argument("--archive", type=Path, required=True, help="model.tar.gz to write")
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"export": args.export, "serving": args.serving},

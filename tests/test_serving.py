@@ -4,8 +4,11 @@ stand-in in place of the binary (the container runs the real one)."""
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 
 from detkit.predict import request_body
 from tests.httpserver import free_port
@@ -23,10 +27,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_rendered_nginx_config_passes_nginx_t(tmp_path):
-    env = dict(os.environ, MODEL_NAME="pet_object_detection", NGINX_LISTEN="127.0.0.1:8080", TFS_REST_PORT="8501")
+    env = dict(os.environ, MODEL_NAME="pet_object_detection", NGINX_LISTEN="127.0.0.1:8080", TFS_REST_PORT="8501",
+               TFS_NUM_BATCH_THREADS="4")
     subprocess.run([str(REPO_ROOT / "serving" / "render-nginx-conf.sh"), str(tmp_path)], env=env, check=True)
     config = (tmp_path / "nginx.conf").read_text()
     assert "proxy_pass http://tensorflow_serving/v1/models/pet_object_detection:predict;" in config
+    # nginx -t loads the njs module and compiles the script: a syntax error in it fails here.
+    assert "load_module modules/ngx_http_js_module.so;" in config
+    assert f"js_import invocations from {REPO_ROOT / 'serving' / 'invocations.js'};" in config
+    assert '"MaxConcurrentTransforms": 4,' in config
     assert "client_max_body_size 6m;" in config and "proxy_read_timeout 60s;" in config
     assert "${" not in config  # every placeholder filled; nginx's own $variables stay
     result = subprocess.run(["nginx", "-t", "-e", "stderr", "-c", str(tmp_path / "nginx.conf")],
@@ -68,7 +77,7 @@ def test_dockerfile_passes_hadolint():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_batching_settings_reach_the_model_server(demo_repo, tmp_path):
+def test_batching_settings_reach_the_model_server_and_batch_transform(demo_repo, tmp_path):
     # The real stand-in behind a wrapper that keeps the command line it was started with.
     wrapper = tmp_path / "model_server"
     wrapper.write_text('#!/usr/bin/env bash\nset -euo pipefail\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n'
@@ -78,13 +87,18 @@ def test_batching_settings_reach_the_model_server(demo_repo, tmp_path):
     wrapper.chmod(0o755)
     args_file = tmp_path / "args"
     env = {"TFS_BIN": str(wrapper), "ARGS_FILE": str(args_file), "PYTHON": sys.executable,
-           "TFS_ENABLE_BATCHING": "true", "TFS_MAX_BATCH_SIZE": "16", "TFS_BATCH_TIMEOUT_MICROS": "5000"}
-    with ServingStack(demo_repo / "models" / "export", env=env):
+           "TFS_ENABLE_BATCHING": "true", "TFS_MAX_BATCH_SIZE": "16", "TFS_BATCH_TIMEOUT_MICROS": "5000",
+           "TFS_NUM_BATCH_THREADS": "3"}
+    with ServingStack(demo_repo / "models" / "export", env=env) as stack:
         args = args_file.read_text().splitlines()
         batching = (tmp_path / "args.batching").read_text()
+        parameters = requests.get(f"{stack.base}/execution-parameters", timeout=10)
     assert "--enable_batching=true" in args
     assert f"--model_base_path={demo_repo / 'models' / 'export' / 'pet_object_detection'}" in args
     assert "max_batch_size { value: 16 }" in batching and "batch_timeout_micros { value: 5000 }" in batching
+    # Batch Transform sends as many requests at once as TF Serving has threads to run them.
+    assert "num_batch_threads { value: 3 }" in batching
+    assert parameters.status_code == 200 and parameters.json()["MaxConcurrentTransforms"] == 3
 
 
 def test_make_docker_test_says_it_skipped_without_an_engine():
@@ -113,3 +127,101 @@ def test_make_serve_from_a_users_shell_answers_ping_and_invocations(demo_repo, v
                                  headers={"content-type": "application/json"})
         assert response.status_code == 200, response.text
         assert response.json()["predictions"][0]["num_detections"] > 0
+
+
+# --------------------------------------------------------------------------- /invocations bodies
+
+
+def error_of(response: requests.Response) -> str:
+    """The message of a JSON error answer (it fails the test when the body is not one)."""
+    assert response.headers["content-type"] == "application/json", response.text
+    return response.json()["error"]
+
+
+def recoded(jpeg: bytes, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_raw_image_bodies_get_the_answer_of_the_json_form(served, val_examples):
+    jpeg = val_examples[0]["encoded"]
+    images = {"jpeg": jpeg, "png": recoded(jpeg, "PNG"), "gif": recoded(jpeg, "GIF")}
+    for fmt, image in images.items():
+        as_json = requests.post(served.invocations_url, data=request_body([image]), timeout=60,
+                                headers={"content-type": "application/json; charset=utf-8"})
+        assert as_json.status_code == 200, as_json.text
+        assert as_json.json()["predictions"][0]["num_detections"] > 0
+        for content_type in (f"image/{fmt}", "application/x-image"):
+            raw = requests.post(served.invocations_url, data=image, headers={"content-type": content_type}, timeout=60)
+            assert raw.status_code == 200, (fmt, content_type, raw.text)
+            assert raw.headers["content-type"] == "application/json"
+            assert raw.json() == as_json.json(), (fmt, content_type)
+
+
+def test_a_raw_body_that_is_no_image_gets_tf_servings_400(served):
+    response = requests.post(served.invocations_url, data=b"not an image", headers={"content-type": "image/png"},
+                             timeout=60)
+    assert response.status_code == 400
+    assert "Unknown image file format" in error_of(response)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", None])
+def test_other_content_types_get_415_naming_the_accepted_ones(served, content_type):
+    headers = {"content-type": content_type} if content_type else {}
+    response = requests.post(served.invocations_url, data=b"hello", headers=headers, timeout=60)
+    assert response.status_code == 415
+    message = error_of(response)
+    assert (f'"{content_type}"' if content_type else "no Content-Type") in message
+    for accepted in ("application/json", "image/jpeg", "image/png", "image/gif", "application/x-image"):
+        assert accepted in message
+
+
+def test_execution_parameters_for_batch_transform(served):
+    response = requests.get(f"{served.base}/execution-parameters", timeout=10)
+    assert response.status_code == 200
+    nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout)  # the default
+    assert response.json() == {"MaxConcurrentTransforms": nproc, "BatchStrategy": "SINGLE_RECORD",
+                               "MaxPayloadInMB": 6}
+    refused = requests.post(f"{served.base}/execution-parameters", timeout=10)
+    assert refused.status_code == 405 and "use GET" in error_of(refused)
+
+
+# Bodies that once got the stand-in's HTML 500 (Python's json recursing past its limit, a list
+# as a dict key, str.encode on a lone surrogate), and other malformed ones: a JSON 400 each.
+MALFORMED = {
+    "arrays 50000 deep": (b"[" * 50000 + b"]" * 50000, "nested too deeply"),
+    "objects 50000 deep": (b'{"a":' * 50000 + b"1" + b"}" * 50000, "nested too deeply"),
+    "an input 900 lists deep": (b'{"instances": [{"inputs": ' + b"[" * 900 + b'"x"' + b"]" * 900 + b"}]}",
+                                "nested too deeply"),
+    "not UTF-8": (b'{"instances": ["\xff"]}', "JSON Parse error"),
+    "a string": (b'"hello"', "not an object"),
+    "a 5000-digit number": (b'{"instances": [1' + b"0" * 5000 + b"]}", "JSON Parse error"),
+    "instances an object": (b'{"instances": {"b64": "aGk="}}', "must be a non-empty list"),
+    "b64 a number": (b'{"instances": [{"inputs": {"b64": 5}}]}', "expected a string"),
+    "b64 not ASCII": ('{"instances": [{"b64": "\u00e9"}]}'.encode(), "not valid base64"),
+    "a lone surrogate": (b'{"instances": ["\\ud800"]}', "not valid Unicode"),
+    "signature_name a list": (b'{"signature_name": [], "instances": [{"b64": "aGk="}]}', "must be a string"),
+}
+
+
+@pytest.mark.parametrize("route", ["invocations", "predict"])
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_json_gets_a_json_400_and_serving_goes_on(served, val_examples, route, case):
+    url = served.invocations_url if route == "invocations" else f"{served.tfs_url}:predict"
+    body, message = MALFORMED[case]
+    response = requests.post(url, data=body, headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400, response.text
+    assert message in error_of(response)
+    good = requests.post(url, data=request_body([val_examples[0]["encoded"]]), timeout=60,
+                         headers={"content-type": "application/json"})
+    assert good.status_code == 200, good.text
+
+
+def test_a_request_nginx_cannot_parse_gets_a_json_400(served):
+    with socket.create_connection(("127.0.0.1", served.nginx_port), timeout=10) as connection:
+        connection.sendall(b"POST /invocations HTTP/1.1\r\nContent-Length: many\r\n\r\n")
+        answer = connection.makefile("rb").read().decode()
+    head, body = answer.split("\r\n\r\n", 1)
+    assert head.startswith("HTTP/1.1 400") and "Content-Type: application/json" in head
+    assert json.loads(body) == {"error": "malformed HTTP request"}

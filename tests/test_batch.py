@@ -1,0 +1,152 @@
+"""`make batch`: the demo's export over a folder of images, from a user's shell."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detkit import batch
+from detkit.fsio import newest_version
+from tests.repo_copy import make
+
+TOLERANCE = 1e-5  # normalised coordinates and scores: the batch's calls against one image per call
+OUTPUT_KEYS = {"detection_boxes", "detection_classes", "detection_scores", "num_detections"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, val_examples) -> tuple[Path, dict[str, bytes], list[str]]:
+    """A folder of three good images (JPEG, PNG, one in a subfolder), a text file and a truncated JPEG:
+    the folder, the good ones (rel -> bytes) and the bad ones."""
+    folder = tmp_path_factory.mktemp("batch") / "images"
+    png = io.BytesIO()
+    Image.open(io.BytesIO(val_examples[1]["encoded"])).save(png, "PNG")
+    truncated = val_examples[3]["encoded"]
+    good = {
+        val_examples[0]["filename"]: val_examples[0]["encoded"],
+        f"{Path(val_examples[1]['filename']).stem}.png": png.getvalue(),
+        f"more/{val_examples[2]['filename']}": val_examples[2]["encoded"],
+    }
+    bad = {"notes.txt": b"not a picture\n", val_examples[3]["filename"]: truncated[: len(truncated) // 2]}
+    for rel, data in {**good, **bad}.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    return folder, good, sorted(bad)
+
+
+@pytest.fixture(scope="module")
+def expected(demo_repo, images) -> dict[str, dict[str, np.ndarray]]:
+    """The export's answer for each good image, one image per signature call."""
+    import tensorflow as tf
+
+    version = newest_version(demo_repo / "models" / "export" / "pet_object_detection")
+    signature = tf.saved_model.load(str(version)).signatures["serving_default"]
+    return {rel: {k: v.numpy()[0] for k, v in signature(inputs=tf.constant([data])).items()}
+            for rel, data in images[1].items()}
+
+
+@pytest.fixture(scope="module")
+def first_run(demo_repo, images, tmp_path_factory):
+    output = tmp_path_factory.mktemp("batch") / "results"
+    return output, make(demo_repo, "batch", f"INPUT={images[0]}", f"OUTPUT={output}")
+
+
+def answer(output: Path, rel: str) -> dict:
+    return json.loads((output / f"{rel}.json").read_text())
+
+
+@pytest.mark.slow
+def test_make_batch_answers_each_good_image_as_the_server_and_lists_the_bad(images, expected, first_run):
+    _, good, bad = images
+    output, result = first_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*.*.json")) == sorted(
+        f"{rel}.json" for rel in good)
+    listed = json.loads((output / "skipped.json").read_text())
+    assert [entry["file"] for entry in listed] == bad
+    reasons = {entry["file"]: entry["reason"] for entry in listed}
+    truncated = next(rel for rel in bad if rel != "notes.txt")
+    assert "not an image" in reasons["notes.txt"]
+    assert "does not decode" in reasons[truncated], reasons
+    for entry in listed:
+        assert f"bad: {entry['file']}: {entry['reason']}" in result.stdout
+    assert f"batch: 3 images done, 0 skipped as already done, 2 bad (listed in {output / 'skipped.json'})" \
+        in result.stdout
+    for rel, outputs in expected.items():
+        predictions = answer(output, rel)["predictions"]
+        assert len(predictions) == 1 and set(predictions[0]) == OUTPUT_KEYS
+        for key, value in outputs.items():
+            assert np.shape(predictions[0][key]) == value.shape, (rel, key)
+            np.testing.assert_allclose(predictions[0][key], value, atol=TOLERANCE, err_msg=f"{rel} {key}")
+
+
+@pytest.mark.slow
+def test_make_batch_again_processes_nothing(demo_repo, images, first_run):
+    output, _ = first_run
+    answers = {p: p.stat().st_mtime_ns for p in output.rglob("*.*.json")}
+    result = make(demo_repo, "batch", f"INPUT={images[0]}", f"OUTPUT={output}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "nothing to do: all 3 images already have their outputs" in result.stdout
+    assert "batch: 0 images done, 3 skipped as already done, 2 bad" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*.*.json")} == answers
+
+
+@pytest.mark.slow
+def test_batch_coco_files_load_with_pycocotools_and_hold_the_exports_detections(images, expected, first_run):
+    from pycocotools.coco import COCO
+
+    folder, good, _ = images
+    output, _ = first_run
+    dataset = COCO(str(output / "images.json"))
+    results = dataset.loadRes(str(output / "detections.json"))
+    listed = sorted(dataset.dataset["images"], key=lambda image: image["id"])
+    assert [(image["id"], image["file_name"]) for image in listed] == list(enumerate(sorted(good), start=1))
+    for image in listed:
+        rel = image["file_name"]
+        width, height = Image.open(folder / rel).size
+        assert (image["width"], image["height"]) == (width, height)
+        outputs = expected[rel]
+        count = int(outputs["num_detections"])
+        ymin, xmin, ymax, xmax = outputs["detection_boxes"][:count].T
+        boxes = np.stack([xmin * width, ymin * height, (xmax - xmin) * width, (ymax - ymin) * height], axis=1)
+        detections = results.loadAnns(results.getAnnIds(imgIds=[image["id"]]))
+        assert len(detections) == count > 0
+        assert [d["category_id"] for d in detections] == outputs["detection_classes"][:count].astype(int).tolist()
+        np.testing.assert_allclose([d["score"] for d in detections], outputs["detection_scores"][:count],
+                                   atol=TOLERANCE)
+        np.testing.assert_allclose([d["bbox"] for d in detections], boxes, atol=TOLERANCE * max(width, height))
+    assert {c["id"] for c in dataset.dataset["categories"]} >= {d["category_id"] for d in results.anns.values()}
+
+
+@pytest.mark.slow
+def test_make_batch_draw_writes_the_drawn_images(demo_repo, images, first_run, tmp_path):
+    folder, good, _ = images
+    output = Path(shutil.copytree(first_run[0], tmp_path / "results"))
+    result = make(demo_repo, "batch", f"INPUT={folder}", f"OUTPUT={output}", "DRAW=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "batch: 3 images done" in result.stdout  # the answers were there, the drawings not
+    for rel in good:
+        drawn, original = Image.open(output / f"{rel}_detections.png"), Image.open(folder / rel)
+        assert drawn.size == original.size
+        assert drawn.convert("RGB").tobytes() != original.convert("RGB").tobytes()
+
+
+@pytest.mark.slow
+def test_make_batch_without_input_prints_usage(demo_repo, tmp_path):
+    result = make(demo_repo, "batch", f"OUTPUT={tmp_path}")
+    assert result.returncode != 0
+    assert "usage: make batch INPUT=" in result.stdout
+
+
+def test_batch_refuses_a_missing_or_empty_input_and_a_half_s3_run(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for argv, message in (([str(tmp_path / "missing"), str(tmp_path / "out")], "INPUT does not exist"),
+                          ([str(tmp_path / "empty"), str(tmp_path / "out")], "INPUT holds no files"),
+                          (["s3://bucket/images", str(tmp_path / "out")], "both must be s3://")):
+        assert batch.main([*argv, "--export", str(tmp_path / "export")]) == 2
+        assert message in capsys.readouterr().err
