@@ -99,6 +99,8 @@ bench: ## print the speed and memory benchmarks (figures and ratios against in-r
 	$(PYTHON) -m benchmarks.tfrecord_throughput
 	$(PYTHON) -m benchmarks.demo_pipeline
 	$(PYTHON) -m benchmarks.train_loop
+	$(PYTHON) -m benchmarks.batch_inference
+	$(PYTHON) -m benchmarks.serving_memory
 	$(PYTHON) -m benchmarks.rehearsal
 
 rehearsal: ## the default run (Pets, ResNet-50 preset, 800 px) offline through every stage on stand-in data + preset, served; 4 steps (CPU, ~15 min)
