@@ -147,7 +147,7 @@ def resnet50_latency(runs: int) -> None:
         model.set_prior_bias(detector, prior)
         decoder = model.make_decoder(detector, cfg.model.detection)
         with tempfile.TemporaryDirectory() as tmp:
-            write_savedmodel(detector, decoder, Path(tmp) / "1", ["serving_default"])
+            write_savedmodel(detector, decoder, Path(tmp) / "1", ["serving_default"], cfg.export.max_image_pixels)
             serve = tf.saved_model.load(str(Path(tmp) / "1")).signatures["serving_default"]
             serve(inputs=image)  # first call traces and allocates
             times = []

@@ -3,10 +3,12 @@
 Writes ``<out>/<model_name>/<version>/`` (TF Serving's layout) with the TF Object Detection
 API exporter's contract (docs/export.md):
 
-- ``serving_default``: input ``inputs``, a batch of encoded JPEG/PNG/GIF bytes of any size
-  (``tf.string [-1]``); outputs ``detection_boxes`` [-1, M, 4] (normalised ymin, xmin, ymax,
-  xmax), ``detection_classes`` [-1, M] (1-based label-map ids, float), ``detection_scores``
-  [-1, M] (descending), ``num_detections`` [-1], all float32, M = ``export.max_detections``;
+- ``serving_default``: input ``inputs``, a batch of encoded JPEG/PNG/GIF bytes of any size up to
+  ``export.max_image_pixels`` (``tf.string [-1]``; a larger image is refused from its header,
+  before it is decoded: InvalidArgumentError, HTTP 400); outputs ``detection_boxes``
+  [-1, M, 4] (normalised ymin, xmin, ymax, xmax), ``detection_classes`` [-1, M] (1-based
+  label-map ids, float), ``detection_scores`` [-1, M] (descending), ``num_detections`` [-1],
+  all float32, M = ``export.max_detections``;
 - optional ``image_tensor`` (uint8 [1, -1, -1, 3]) and ``tf_example`` (serialised
   tf.Example with the docs/tfrecords.md keys) signatures with the same outputs;
 - ``assets.extra/label_map.pbtxt`` so clients can name classes, and
@@ -89,8 +91,11 @@ def next_version(model_dir: Path, requested: int | None) -> int:
     return requested
 
 
-def serving_functions(detector, decoder, signatures: list[str]) -> dict[str, tuple[Any, list]]:
-    """The SavedModel's signatures (``signatures`` of the ones below): name -> (function, input signature)."""
+def serving_functions(detector, decoder, signatures: list[str], max_pixels: int) -> dict[str, tuple[Any, list]]:
+    """The SavedModel's signatures (``signatures`` of the ones below): name -> (function, input signature).
+
+    Those that take encoded images refuse one of more than ``max_pixels`` before decoding it.
+    """
     import tensorflow as tf
 
     from detkit import data, model
@@ -104,7 +109,8 @@ def serving_functions(detector, decoder, signatures: list[str]) -> dict[str, tup
 
     def from_encoded(encoded):
         # One image at a time: the batch may mix sizes and formats.
-        return detect(tf.map_fn(lambda e: data.decode_and_resize(e, size), encoded, fn_output_signature=resized))
+        return detect(tf.map_fn(lambda e: data.decode_and_resize(e, size, max_pixels), encoded,
+                                fn_output_signature=resized))
 
     def serving_default(inputs):
         return from_encoded(inputs)
@@ -125,12 +131,12 @@ def serving_functions(detector, decoder, signatures: list[str]) -> dict[str, tup
     return {name: functions[name] for name in signatures}
 
 
-def write_savedmodel(detector, decoder, path: Path, signatures: list[str]) -> None:
+def write_savedmodel(detector, decoder, path: Path, signatures: list[str], max_pixels: int) -> None:
     import keras
 
     archive = keras.export.ExportArchive()
     archive.track(detector)
-    for name, (function, signature) in serving_functions(detector, decoder, signatures).items():
+    for name, (function, signature) in serving_functions(detector, decoder, signatures, max_pixels).items():
         archive.add_endpoint(name, function, input_signature=signature)
     archive.write_out(str(path), verbose=False)
 
@@ -255,9 +261,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     signatures = ["serving_default", *e.extra_signatures]
     final = model_dir / str(version)
     with atomic_dir(final) as tmp:
-        write_savedmodel(detector, decoder, tmp, signatures)
+        write_savedmodel(detector, decoder, tmp, signatures, e.max_image_pixels)
         check = check_export(tmp, detector, decoder, encoded, e.check_tolerance, e.max_detections, signatures)
-        check.update(version=version, model_name=e.model_name, step=info.get("step"))
+        check.update(version=version, model_name=e.model_name, step=info.get("step"),
+                     max_image_pixels=e.max_image_pixels)
         (tmp / EXPORT_CHECK).parent.mkdir()
         shutil.copyfile(trained / model.LABEL_MAP_FILE, tmp / EXPORT_LABEL_MAP)
         (tmp / EXPORT_CHECK).write_text(json.dumps(check, indent=2) + "\n")

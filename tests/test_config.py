@@ -79,6 +79,7 @@ def test_wrong_type_is_refused_with_key():
 @pytest.mark.parametrize("override, message", [
     ("split.train_fraction=1.5", "split.train_fraction"),
     ("tfrecord.val_shards=0", "tfrecord.val_shards"),
+    ("export.max_image_pixels=0", "export.max_image_pixels: 0 must be at least 1"),
 ])
 def test_out_of_range_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

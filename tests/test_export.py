@@ -21,6 +21,7 @@ from detkit.checkpoints import FINAL
 from detkit.config import load_config
 from detkit.labelmap import read_label_map
 from stages import export
+from tests.images import png_declaring
 
 pytestmark = pytest.mark.slow
 
@@ -106,16 +107,34 @@ def test_extra_signatures_agree_with_serving_default(reexported, val_examples):
         assert got["num_detections"].numpy() == reference["num_detections"].numpy()
         for key in ("detection_boxes", "detection_scores", "detection_classes"):
             np.testing.assert_allclose(got[key].numpy(), reference[key].numpy(), atol=1e-5)
+    too_large = tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png_declaring(20000, 20000)]))}))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="exceeds export.max_image_pixels = 25000000"):
+        loaded.signatures["tf_example"](inputs=tf.constant([too_large.SerializeToString()]))
 
 
-def test_animated_gif_is_read_by_its_first_frame(version_1, val_examples):
+@pytest.fixture(scope="module")
+def serving_default(version_1):
+    return tf.saved_model.load(str(version_1)).signatures["serving_default"]
+
+
+def test_animated_gif_is_read_by_its_first_frame(serving_default, val_examples):
     frames = [Image.open(io.BytesIO(val_examples[i]["encoded"])).convert("RGB").resize((200, 160)) for i in (0, 1)]
     animated, still = io.BytesIO(), io.BytesIO()
     frames[0].save(animated, "GIF", save_all=True, append_images=frames[1:])
     frames[0].save(still, "GIF")
-    serve = tf.saved_model.load(str(version_1)).signatures["serving_default"]
-    got = serve(inputs=tf.constant([animated.getvalue(), still.getvalue()]))
+    got = serving_default(inputs=tf.constant([animated.getvalue(), still.getvalue()]))
     np.testing.assert_allclose(got["detection_boxes"][0], got["detection_boxes"][1], atol=1e-6)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_and_the_next_call_answers(serving_default, val_examples):
+    good = val_examples[0]["encoded"]
+    # In one batch with a good image: the whole call is refused, as TF Serving refuses the request.
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image of 20000 x 20000 = 400000000 pixels exceeds "
+                                                              r"export\.max_image_pixels = 25000000: refused before"):
+        serving_default(inputs=tf.constant([good, png_declaring(20000, 20000)]))
+    got = serving_default(inputs=tf.constant([good]))
+    assert got["num_detections"].numpy()[0] > 0
 
 
 def test_check_fails_when_the_export_differs_from_the_model(demo_repo, version_1, val_examples):
@@ -173,7 +192,7 @@ def test_export_check_passes_on_a_model_whose_scores_are_all_tied(demo_repo, tmp
     layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
     layer.bias.assign(np.zeros(layer.bias.shape, "float32"))  # every anchor scores 0.5 for every class
     decoder = model.make_decoder(detector, info["detection"])
-    export.write_savedmodel(detector, decoder, tmp_path / "1", ["serving_default"])
+    export.write_savedmodel(detector, decoder, tmp_path / "1", ["serving_default"], max_pixels=25_000_000)
     check = export.check_export(tmp_path / "1", detector, decoder, [e["encoded"] for e in val_examples[:4]],
                                 tolerance=1e-3, max_detections=100, signatures=["serving_default"])
     assert check["passed"], check

@@ -18,6 +18,7 @@ from PIL import Image
 
 from detkit.predict import request_body
 from detkit.tfserving import BatchingParameters, BatchScheduler, RequestError
+from tests.images import png_declaring
 
 pytestmark = pytest.mark.slow
 
@@ -127,11 +128,22 @@ def test_bad_requests_get_a_json_4xx_and_serving_goes_on(served, val_examples, c
         url = f"http://127.0.0.1:{served.tfs_port}{where.format(name=served.model_name)}"
     else:
         url = f"{served.base}{where}"
-    response = requests.request(method, url, data=body, timeout=60)
+    response = requests.request(method, url, data=body, headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
     good = post(served.invocations_url, rest_request(val_examples[0]["encoded"]))
     assert good.status_code == 200
+
+
+@pytest.mark.parametrize("route", ["predict", "invocations"])
+def test_an_image_over_the_pixel_limit_gets_a_400_and_serving_goes_on(served, val_examples, route):
+    url = f"{served.tfs_url}:predict" if route == "predict" else served.invocations_url
+    response = post(url, rest_request(png_declaring(20000, 20000)))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == ("assertion failed: [image of 20000 x 20000 = 400000000 pixels exceeds "
+                                        "export.max_image_pixels = 25000000: refused before decoding]")
+    good = post(url, rest_request(val_examples[0]["encoded"]))
+    assert good.status_code == 200, good.text
 
 
 def test_status_and_metadata_as_tf_serving(served):
