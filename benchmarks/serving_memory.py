@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from benchmarks.batch_inference import standin_export
 from benchmarks.peak_rss import rss_bytes
 from benchmarks.serving_latency import jpeg
 from detkit.config import load_config
@@ -119,30 +121,35 @@ def export_limit(version: Path) -> int:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export", type=Path, help="export folder <base>/<model_name> (default: the tiny model "
+                                                    "with random weights, exported here: the demo's graph)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of load per phase")
+    args = parser.parse_args()
+    if args.export is not None:
+        measure(args.export, export_limit(newest_version(args.export)), args.seconds)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(standin_export(Path(tmp)), load_config().export.max_image_pixels, args.seconds)
+
+
+def measure(export: Path, limit: int, seconds: float) -> None:
     from tests.images import png_declaring
     from tests.serving import ServingStack
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cfg = load_config()
-    parser.add_argument("--export", type=Path, default=Path("models/export") / cfg.export.model_name,
-                        help="export folder <base>/<model_name> (default: the demo's)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of load per phase")
-    args = parser.parse_args()
-
-    version = newest_version(args.export)
-    limit = export_limit(version)
+    version = newest_version(export)
     side = math.isqrt(limit)
     ordinary, at_limit = jpeg((500, 375)), flat_jpeg(side, limit // side)
     over = png_declaring(4 * side, 4 * side, rows=None)  # complete and valid: a decoder would fill it
     decoded = {"at": limit * BYTES_PER_PIXEL, "over": (4 * side) ** 2 * BYTES_PER_PIXEL}
     mb = 1 / 2**20
-    print(f"model: {version}, export.max_image_pixels = {limit}; {CLIENTS} clients, {args.seconds:g} s a phase")
+    print(f"model: {version}, export.max_image_pixels = {limit}; {CLIENTS} clients, {seconds:g} s a phase")
     print(f"images: val-sized 500 x 375 JPEG ({len(ordinary) // 1024} KB); at the limit {side} x {limit // side} "
           f"JPEG ({len(at_limit) // 1024} KB, {decoded['at'] * mb:.0f} MB decoded); over it {4 * side} x {4 * side} "
           f"PNG ({len(over) // 1024} KB, {decoded['over'] * mb:.0f} MB decoded, were it decoded)")
 
     no_image = b"x" + over[1:]  # as large, but no image format: refused by its signature, never decoded
-    with ServingStack(args.export.parent, model_name=args.export.name) as stack, \
+    with ServingStack(export.parent, model_name=export.name) as stack, \
             TreeSampler(stack.process.pid) as tree:
         hammer(stack.invocations_url, request_body([ordinary]), 2.0)  # warm: first calls trace and allocate
         peaks, growth = {}, {}
@@ -150,7 +157,7 @@ def main() -> None:
         for name, image, each in (("val-sized", ordinary, None), ("no image", no_image, OVER_LIMIT_EACH),
                                   ("over the limit", over, OVER_LIMIT_EACH), ("at the limit", at_limit, None)):
             start = tree.reset()
-            counts = hammer(stack.invocations_url, request_body([image]), args.seconds, each)
+            counts = hammer(stack.invocations_url, request_body([image]), seconds, each)
             peaks[name], growth[name] = tree.peak, tree.peak - start
             print(f"  {name:<15} peak {tree.peak * mb:7.0f} MB (+{growth[name] * mb:.0f} MB in the phase); "
                   f"answers: {dict(sorted(counts.items()))}")
