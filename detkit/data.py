@@ -94,9 +94,19 @@ def decode_and_resize(encoded: tf.Tensor, size: int, max_pixels: int | None = No
 
 def _refuse_more_pixels_than(encoded: tf.Tensor, max_pixels: int) -> tf.Operation:
     height, width = encoded_image_size(encoded)
-    pixels = height * width  # int64: 2 x 32-bit sides cannot overflow it
-    message = tf.strings.format(f"image of {{}} x {{}} = {{}} pixels exceeds export.max_image_pixels = {max_pixels}: "
-                                "refused before decoding", (width, height, pixels))
+    # The GIF decoder decodes every frame (the first is kept): count them all. An image descriptor
+    # (0x2C) follows a block terminator (0x00), but the first may follow the colour table instead;
+    # image data holds such a pair by chance about once in 64 KB.
+    gif = tf.strings.substr(encoded, 0, 4) == b"GIF8"
+    pairs = tf.size(tf.strings.split(encoded, sep=b"\x00\x2c"), out_type=tf.int64) - 1
+    frames = tf.where(gif, tf.maximum(pairs, 1), 1)
+    # Each side within the limit first: two unsigned 32-bit PNG sides would overflow int64's product.
+    fits = (height <= max_pixels) & (width <= max_pixels)
+    pixels = tf.where(fits, height * width * frames, max_pixels + 1)
+    counted = tf.where(frames > 1, tf.strings.join([" x ", tf.strings.as_string(frames), " frames"]), "")
+    message = tf.strings.join(["image of ", tf.strings.as_string(width), " x ", tf.strings.as_string(height),
+                               " pixels", counted, f" exceeds export.max_image_pixels = {max_pixels}: "
+                               "refused before decoding"])
     return tf.debugging.Assert(pixels <= max_pixels, [message])
 
 
@@ -122,7 +132,7 @@ def encoded_image_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     them with its own error.
     """
     length = tf.cast(tf.strings.length(encoded), tf.int64)
-    head = _bytes_at(encoded, 0)
+    head = _header(encoded)
 
     def starts(signature: bytes, at: int = 0) -> tf.Tensor:
         return (length >= at + len(signature)) & tf.reduce_all(head[at:at + len(signature)] == list(signature))
@@ -152,11 +162,9 @@ def encoded_image_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return size[0], size[1]
 
 
-def _bytes_at(encoded: tf.Tensor, offset: tf.Tensor | int) -> tf.Tensor:
-    """``HEADER_BYTES`` bytes from ``offset`` (int64 [HEADER_BYTES]), zeros past the end; reads no more."""
-    length = tf.cast(tf.strings.length(encoded), tf.int64)
-    offset = tf.cast(tf.minimum(tf.cast(offset, tf.int64), length), tf.int32)  # substr refuses pos > length
-    part = tf.strings.substr(encoded, offset, HEADER_BYTES)
+def _header(encoded: tf.Tensor) -> tf.Tensor:
+    """The first ``HEADER_BYTES`` bytes (int64 [HEADER_BYTES]), zeros past the end; reads no more."""
+    part = tf.strings.substr(encoded, 0, HEADER_BYTES)
     return tf.cast(tf.io.decode_raw(part, tf.uint8, fixed_length=HEADER_BYTES), tf.int64)
 
 
