@@ -518,7 +518,9 @@ def _validate_deploy(d: DictConfig) -> None:
         (d.instance_count >= 1 and 0.0 <= d.min_ap50 <= 1.0, "instance_count must be >= 1, min_ap50 in [0, 1]"),
         (d.serving.max_batch_size is None or d.serving.max_batch_size >= 1, "serving.max_batch_size must be >= 1"),
         (0.0 < d.serving.memory_fraction <= 1.0, "serving.memory_fraction must be in (0, 1]"),
-        (1 <= u.step_percent <= 100, "rollout.step_percent must be in [1, 100]"),
+        # SageMaker's bounds: a canary of at most half the fleet, linear steps of 10-50%.
+        (u.traffic == "all_at_once" or (1 if u.traffic == "canary" else 10) <= u.step_percent <= 50,
+         f"rollout.step_percent {u.step_percent} must be in [1, 50] for canary, [10, 50] for linear"),
         (0 <= u.wait_interval_s <= 3600 and 0 <= u.termination_wait_s <= 3600,
          "rollout.wait_interval_s and rollout.termination_wait_s must be in [0, 3600]"),
         (600 <= u.max_execution_timeout_s <= 14400, "rollout.max_execution_timeout_s must be in [600, 14400]"),
@@ -529,8 +531,9 @@ def _validate_deploy(d: DictConfig) -> None:
         (a.scale_in_cooldown_s >= 0 and a.scale_out_cooldown_s >= 0, "autoscaling cool-downs must be >= 0"),
         (d.transform.instance_count >= 1 and 1 <= d.transform.max_payload_mb <= 100,
          "transform.instance_count must be >= 1, transform.max_payload_mb in [1, 100]"),
-        (d.transform.max_concurrent_transforms is None or d.transform.max_concurrent_transforms >= 1,
-         "transform.max_concurrent_transforms must be >= 1 or null"),
+        (d.transform.max_concurrent_transforms is None
+         or 1 <= d.transform.max_concurrent_transforms * d.transform.max_payload_mb <= 100,
+         "transform.max_concurrent_transforms x transform.max_payload_mb must be in [1, 100] (SageMaker's limit)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -583,6 +586,8 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _validate_model(m: DictConfig) -> None:
     where = f"conf/model/{m.name}.yaml"
     _one_of(f"{where}: builder", m.builder, BUILDERS)
+    if m.serving_gib.base <= 0 or m.serving_gib.per_image <= 0:
+        raise ConfigError(f"{where}: serving_gib.base and serving_gib.per_image must be positive (GiB)")
     if m.builder == "preset" and m.pretrained == "none":
         raise ConfigError(f"{where}: builder 'preset' loads the weights named by 'pretrained', which is 'none'")
     if m.builder == "retinanet" and m.pretrained != "none":

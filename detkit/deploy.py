@@ -282,6 +282,11 @@ def deploy(settings: Settings, clients: dict[str, Any], docker, switch: Endpoint
           f">= {c.min_ap50}, export check passed")
     plan = serving_plan(settings)
     print(plan["line"])
+    endpoint = c.endpoint_name
+    existing = describe_endpoint(sagemaker, endpoint)
+    if existing and not ours(sagemaker, existing["EndpointArn"], settings):
+        raise DeployError(f"endpoint {endpoint} was not created by this project (no project={c.project_tag} tag): "
+                          "not updated; set deploy.endpoint_name to another name")
     container: dict[str, Any] = {"Environment": container_environment(settings, plan)}
     if c.image == "custom":
         tag = image_tag(settings)
@@ -291,29 +296,36 @@ def deploy(settings: Settings, clients: dict[str, Any], docker, switch: Endpoint
         container["Image"] = aws_image(settings)
         tag = f"aws-{manifest['model_tar_gz_sha256'][:12]}"
         print(f"deploy: AWS's TensorFlow Serving image {container['Image']}")
-    endpoint = c.endpoint_name
     model = resource_name(endpoint, tag)
     sagemaker.create_model(ModelName=model, ExecutionRoleArn=c.role_arn, Tags=settings.tags,
                            PrimaryContainer=container)
     config = model  # one endpoint config per model, named alike
+    # An update starts the new fleet at the size autoscaling has reached, not back at instance_count.
+    running = existing["ProductionVariants"][0].get("CurrentInstanceCount", 0) if existing else 0
+    count = max(int(c.instance_count), running if c.autoscaling.enabled else 0)
     sagemaker.create_endpoint_config(EndpointConfigName=config, Tags=settings.tags, ProductionVariants=[{
         "VariantName": VARIANT, "ModelName": model, "InstanceType": c.instance_type,
-        "InitialInstanceCount": int(c.instance_count), "InitialVariantWeight": 1.0}])
+        "InitialInstanceCount": count, "InitialVariantWeight": 1.0}])
     alarms = guardrails.ensure_alarms(clients["cloudwatch"], c, VARIANT)
-    existing = describe_endpoint(sagemaker, endpoint)
     previous = existing["EndpointConfigName"] if existing else None
-    if existing:
-        old_variant = sagemaker.describe_endpoint_config(EndpointConfigName=previous)["ProductionVariants"][0]
-        old_type = old_variant["InstanceType"]
-        # Application Auto Scaling fails an update that changes a scaled variant's instance type.
-        if old_type != c.instance_type and autoscaling.remove(clients["application-autoscaling"], endpoint, VARIANT):
-            print(f"deploy: {old_type} -> {c.instance_type}: autoscaling removed for the update, applied again after")
-        print(f"deploy: updating endpoint {endpoint}: {previous} -> {config}, {guardrails.describe_rollout(c)}")
-        switch.update(endpoint, config, guardrails.deployment_config(c, alarms))
-    else:
-        print(f"deploy: creating endpoint {endpoint} with {config} (alarms {', '.join(alarms)})")
-        switch.create(endpoint, config, settings.tags)
-    state = switch.wait(endpoint)
+    try:
+        if existing:
+            old_variant = sagemaker.describe_endpoint_config(EndpointConfigName=previous)["ProductionVariants"][0]
+            old_type = old_variant["InstanceType"]
+            # Application Auto Scaling fails an update that changes a scaled variant's instance type.
+            if old_type != c.instance_type and autoscaling.remove(clients["application-autoscaling"], endpoint,
+                                                                  VARIANT):
+                print(f"deploy: {old_type} -> {c.instance_type}: autoscaling removed for the update, applied again "
+                      "after")
+            print(f"deploy: updating endpoint {endpoint}: {previous} -> {config}, {guardrails.describe_rollout(c)}")
+            switch.update(endpoint, config, guardrails.deployment_config(c, alarms))
+        else:
+            print(f"deploy: creating endpoint {endpoint} with {config} (alarms {', '.join(alarms)})")
+            switch.create(endpoint, config, settings.tags)
+        state = switch.wait(endpoint)
+    finally:  # whatever the update did, the endpoint keeps scaling as configured
+        if c.autoscaling.enabled and describe_endpoint(sagemaker, endpoint) is not None:
+            print(autoscaling.apply(clients["application-autoscaling"], c, VARIANT))
     if state["EndpointStatus"] != "InService" or state["EndpointConfigName"] != config:
         reason = state.get("FailureReason") or state["EndpointStatus"]
         if previous is None:
@@ -322,9 +334,7 @@ def deploy(settings: Settings, clients: dict[str, Any], docker, switch: Endpoint
                           f"the old fleet: endpoint {endpoint} is {state['EndpointStatus']} with "
                           f"{state['EndpointConfigName']}")
     print(f"deploy: endpoint {endpoint} is InService with {config}")
-    if c.autoscaling.enabled:
-        print(autoscaling.apply(clients["application-autoscaling"], c, VARIANT))
-    elif autoscaling.remove(clients["application-autoscaling"], endpoint, VARIANT):
+    if not c.autoscaling.enabled and autoscaling.remove(clients["application-autoscaling"], endpoint, VARIANT):
         print("autoscaling: removed (deploy.autoscaling.enabled is false)")
     print(f"invoke: make invoke IMAGE=cat.jpg   (boto3 sagemaker-runtime invoke_endpoint, region {c.region})")
     print(price_line(settings))
@@ -397,14 +407,12 @@ def undeploy(settings: Settings, clients: dict[str, Any]) -> None:
 
 def invoker(runtime, endpoint: str) -> Callable[[str], dict[str, Any]]:
     """``send`` for ``detkit.predict.run_client``: ``invoke_endpoint`` with the body of docs/export.md."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     from detkit.predict import PredictError, parse_response
 
     def send(body: str) -> dict[str, Any]:
         try:
             response = runtime.invoke_endpoint(EndpointName=endpoint, ContentType="application/json", Body=body)
-        except (ClientError, BotoCoreError) as exc:
+        except aws.call_errors() as exc:
             raise PredictError(f"endpoint {endpoint}: {exc}") from exc
         return parse_response(f"endpoint {endpoint}", 200, response["Body"].read())
 

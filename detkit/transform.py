@@ -14,11 +14,10 @@ creation, so a failure is tested there.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from detkit import aws
-from detkit.deploy import VARIANT, DeployError, describe_endpoint
+from detkit.deploy import VARIANT, DeployError, describe_endpoint, resource_name
 
 
 class TransformWatcher:
@@ -60,12 +59,6 @@ def job_request(cfg, name: str, model: str, input_uri: str, output_uri: str) -> 
     return request
 
 
-def job_name(endpoint: str) -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    base = "".join(ch if ch.isalnum() else "-" for ch in f"{endpoint}-batch")
-    return f"{base[:63 - len(stamp) - 1]}-{stamp}"
-
-
 def check_uris(s3, input_uri: str, output_uri: str) -> None:
     for label, uri in (("INPUT", input_uri), ("OUTPUT", output_uri)):
         if not uri.startswith("s3://") or not uri[len("s3://"):].split("/", 1)[0]:
@@ -84,7 +77,7 @@ def run(cfg, clients: dict[str, Any], input_uri: str, output_uri: str, watcher: 
     sagemaker = clients["sagemaker"]
     check_uris(clients["s3"], input_uri, output_uri)
     model = deployed_model(sagemaker, cfg.endpoint_name)
-    name = job_name(cfg.endpoint_name)
+    name = resource_name(cfg.endpoint_name, "batch")
     t = cfg.transform
     sagemaker.create_transform_job(**job_request(cfg, name, model, input_uri, output_uri))
     hourly = cfg.instances[t.instance_type].hourly_usd

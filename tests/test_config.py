@@ -80,6 +80,12 @@ def test_wrong_type_is_refused_with_key():
     ("split.train_fraction=1.5", "split.train_fraction"),
     ("tfrecord.val_shards=0", "tfrecord.val_shards"),
     ("export.max_image_pixels=0", "export.max_image_pixels: 0 must be at least 1"),
+    ("deploy.rollout.step_percent=60", "rollout.step_percent 60 must be in \\[1, 50\\] for canary"),
+    ("deploy.image=docker", "deploy.image"),
+    ("deploy.instance_type=ml.x9.huge", "instance_type ml.x9.huge is not in deploy.instances"),
+    ("deploy.autoscaling.max_instances=0", "1 <= min_instances <= max_instances"),
+    ("deploy.transform.max_concurrent_transforms=20", "max_concurrent_transforms x transform.max_payload_mb"),
+    ("model.serving_gib.per_image=0", "serving_gib.base and serving_gib.per_image must be positive"),
 ])
 def test_out_of_range_values_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -214,6 +214,31 @@ def test_an_update_sagemaker_rolled_back_is_reported_as_such(aws, packaged):
     assert (endpoint["EndpointStatus"], endpoint["EndpointConfigName"]) == ("InService", first["config"])
 
 
+def test_an_update_keeps_the_instances_autoscaling_added(aws, packaged):
+    sagemaker = aws["sagemaker"]
+    switch = MotoEndpointSwitch(sagemaker)
+    deploy.deploy(settings_for(packaged), aws, RecordingDocker(), switch)
+    sagemaker.update_endpoint_weights_and_capacities(  # what a scale-out does to the variant
+        EndpointName="pet-object-detection", DesiredWeightsAndCapacities=[{"VariantName": "AllTraffic",
+                                                                           "DesiredInstanceCount": 2}])
+    second = deploy.deploy(settings_for(packaged, tag="rev2"), aws, RecordingDocker(), switch)
+    variant = sagemaker.describe_endpoint_config(EndpointConfigName=second["config"])["ProductionVariants"][0]
+    assert variant["InitialInstanceCount"] == 2
+
+
+def test_deploy_leaves_an_endpoint_it_did_not_create_alone(aws, packaged):
+    sagemaker = aws["sagemaker"]
+    sagemaker.create_model(ModelName="theirs", ExecutionRoleArn=ROLE,
+                           PrimaryContainer={"Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/other:1"})
+    sagemaker.create_endpoint_config(EndpointConfigName="theirs", ProductionVariants=[{
+        "VariantName": "AllTraffic", "InstanceType": "ml.m5.large", "ModelName": "theirs", "InitialInstanceCount": 1}])
+    sagemaker.create_endpoint(EndpointName="pet-object-detection", EndpointConfigName="theirs")
+    with pytest.raises(deploy.DeployError, match="was not created by this project .* not updated"):
+        deploy.deploy(settings_for(packaged), aws, RecordingDocker(), MotoEndpointSwitch(sagemaker))
+    assert [m["ModelName"] for m in sagemaker.list_models()["Models"]] == ["theirs"]
+    assert aws["cloudwatch"].describe_alarms()["MetricAlarms"] == []
+
+
 def test_autoscaling_is_applied_with_the_configured_values(aws, packaged, capsys):
     scaling = aws["application-autoscaling"]
     settings = settings_for(packaged, "deploy.autoscaling.max_instances=3",
