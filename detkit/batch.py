@@ -57,8 +57,8 @@ DETECTIONS_FILE, IMAGES_FILE, SKIPPED_FILE = "detections.json", "images.json", "
 # What the signature decodes (tf.io.decode_image), by the file's first bytes.
 SIGNATURES = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
               (b"BM", "BMP"))
-SNIFF_BYTES = max(len(magic) for magic, _ in SIGNATURES)
-NOT_AN_IMAGE = "not an image (neither JPEG, PNG, GIF nor BMP)"
+SNIFF_BYTES = 12  # WebP: "RIFF", 4 bytes of size, "WEBP"
+NOT_AN_IMAGE = "not an image (neither JPEG, PNG, GIF, BMP nor WebP)"
 
 T = TypeVar("T")
 
@@ -84,6 +84,8 @@ class Batch:
 
 
 def image_format(head: bytes) -> str | None:
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
     return next((name for magic, name in SIGNATURES if head.startswith(magic)), None)
 
 
@@ -227,6 +229,7 @@ class Writer:
         self.output_dir, self.draw, self.progress = output_dir, draw, progress
         self.sizes: dict[str, tuple[int, int]] = {}  # rel -> (width, height) of the images done
         self.bad: dict[str, str] = {}
+        self.retry: set[str] = set()  # bad only for this run (drawing failed): a re-run tries them again
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-writer")
         self._pending: deque[Future] = deque()
 
@@ -253,6 +256,7 @@ class Writer:
                 except (OSError, SyntaxError, ValueError) as exc:
                     # The model decoded it and Pillow cannot. No JSON: a re-run tries it again.
                     self.bad[picture.rel] = f"cannot draw it: {exc}"
+                    self.retry.add(picture.rel)
                     self.progress.update()
                     continue
             # Written last: the JSON is what marks the image done.
@@ -341,6 +345,7 @@ def run(input_dir: Path, output_dir: Path, export: Path, batch_size: int = DEFAU
     already_done = len(files) - len(todo) - len(bad)
     sizes: dict[str, tuple[int, int]] = {}  # rel -> (width, height) of the images done now
     load_seconds = seconds = 0.0
+    retry: set[str] = set()
     if todo:
         import tensorflow as tf
 
@@ -360,15 +365,16 @@ def run(input_dir: Path, output_dir: Path, export: Path, batch_size: int = DEFAU
             finally:
                 writer.close()
         seconds = time.perf_counter() - started
-        sizes, bad = writer.sizes, {**bad, **writer.bad}
+        sizes, bad, retry = writer.sizes, {**bad, **writer.bad}, writer.retry
 
     dataset, detections = coco_files(input_dir, output_dir, files, sizes, label_map)
     written = {name: output_dir / name for name in (IMAGES_FILE, DETECTIONS_FILE, SKIPPED_FILE)}
     atomic_write_json(written[IMAGES_FILE], dataset)
     # One line: up to export.max_detections an image, over many images, is too much to indent.
     atomic_write_bytes(written[DETECTIONS_FILE], (json.dumps(detections) + "\n").encode())
-    atomic_write_json(written[SKIPPED_FILE], [{"file": rel, "reason": reason, "stamp": stamp(input_dir / rel)}
-                                              for rel, reason in sorted(bad.items())])
+    atomic_write_json(written[SKIPPED_FILE], [
+        {"file": rel, "reason": reason, "stamp": None if rel in retry else stamp(input_dir / rel)}
+        for rel, reason in sorted(bad.items())])
     return {
         "export": str(version), "files": len(files), "read": len(todo), "done": len(sizes),
         "already_done": already_done, "bad": dict(sorted(bad.items())), "seconds": seconds,
