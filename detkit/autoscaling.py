@@ -69,10 +69,11 @@ def status_line(found: dict[str, Any] | None) -> str:
     if found is None:
         return "autoscaling: none (the endpoint keeps its instance count)"
     target = found["target"]
-    policies = ", ".join(
-        f"{p['PolicyName']} (target {p['TargetTrackingScalingPolicyConfiguration']['TargetValue']:g} "
-        f"{p['TargetTrackingScalingPolicyConfiguration']['PredefinedMetricSpecification']['PredefinedMetricType']}, "
-        f"cool-downs in {p['TargetTrackingScalingPolicyConfiguration'].get('ScaleInCooldown', 0)} s / out "
-        f"{p['TargetTrackingScalingPolicyConfiguration'].get('ScaleOutCooldown', 0)} s)"
-        for p in found["policies"]) or "no policy"
+    def described(policy: dict[str, Any]) -> str:
+        tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+        return (f"{policy['PolicyName']} (target {tracking['TargetValue']:g} "
+                f"{tracking['PredefinedMetricSpecification']['PredefinedMetricType']}, cool-downs in "
+                f"{tracking.get('ScaleInCooldown', 0)} s / out {tracking.get('ScaleOutCooldown', 0)} s)")
+
+    policies = ", ".join(described(p) for p in found["policies"]) or "no policy"
     return f"autoscaling: {target['MinCapacity']}-{target['MaxCapacity']} instances, {policies}"

@@ -283,6 +283,15 @@ def known_bad(input_dir: Path, output_dir: Path) -> dict[str, str]:
     return {e["file"]: e["reason"] for e in entries if stamp(input_dir / e["file"]) == e.get("stamp")}
 
 
+def listed_sizes(output_dir: Path) -> dict[str, tuple[int, int]]:
+    """rel -> (width, height) of the images an earlier run's images.json lists: not opened again."""
+    try:
+        images = json.loads((output_dir / IMAGES_FILE).read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {image["file_name"]: (image["width"], image["height"]) for image in images}
+
+
 def coco_files(input_dir: Path, output_dir: Path, files: list[str], sizes: dict[str, tuple[int, int]],
                label_map: dict[int, str]) -> tuple[dict, list[dict]]:
     """The COCO dataset (images, categories) and results of every image in ``files`` that has its JSON."""
@@ -293,7 +302,7 @@ def coco_files(input_dir: Path, output_dir: Path, files: list[str], sizes: dict[
             continue
         if rel in sizes:
             width, height = sizes[rel]
-        else:  # done by an earlier run
+        else:  # done by an earlier run that images.json does not list
             with Image.open(input_dir / rel) as image:
                 width, height = image.size
         prediction = json.loads(path.read_text())["predictions"][0]
@@ -367,7 +376,7 @@ def run(input_dir: Path, output_dir: Path, export: Path, batch_size: int = DEFAU
         seconds = time.perf_counter() - started
         sizes, bad, retry = writer.sizes, {**bad, **writer.bad}, writer.retry
 
-    dataset, detections = coco_files(input_dir, output_dir, files, sizes, label_map)
+    dataset, detections = coco_files(input_dir, output_dir, files, {**listed_sizes(output_dir), **sizes}, label_map)
     written = {name: output_dir / name for name in (IMAGES_FILE, DETECTIONS_FILE, SKIPPED_FILE)}
     atomic_write_json(written[IMAGES_FILE], dataset)
     # One line: up to export.max_detections an image, over many images, is too much to indent.

@@ -61,9 +61,13 @@ def job_request(cfg, name: str, model: str, input_uri: str, output_uri: str) -> 
 
 def check_uris(s3, input_uri: str, output_uri: str) -> None:
     for label, uri in (("INPUT", input_uri), ("OUTPUT", output_uri)):
-        if not uri.startswith("s3://") or not uri[len("s3://"):].split("/", 1)[0]:
+        try:
+            bucket, _ = aws.split_s3_uri(uri)
+        except ValueError:
+            bucket = ""
+        if not bucket:
             raise DeployError(f"{label}={uri}: expected s3://bucket/prefix")
-    bucket, _, prefix = input_uri[len("s3://"):].partition("/")
+    bucket, prefix = aws.split_s3_uri(input_uri)
     listed = aws.unless_missing(s3.list_objects_v2, "NoSuchBucket", Bucket=bucket, Prefix=prefix, MaxKeys=1)
     if listed is None:
         raise DeployError(f"INPUT={input_uri}: there is no bucket {bucket}")
