@@ -7,7 +7,7 @@ DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
 # Serving: the export folder (dvc.yaml's export stage writes it) and the local port.
 EXPORT_DIR ?= models/export
-MODEL_NAME ?= $(shell $(PYTHON) -m detkit.config export.model_name)
+MODEL_NAME ?= $(shell $(PYTHON) -m detkit.config.show export.model_name)
 SERVE_PORT ?= 8080
 URL ?= http://127.0.0.1:$(SERVE_PORT)/invocations
 IMAGE ?=
@@ -23,7 +23,7 @@ IMAGE_TAG ?=
 INSTANCE_TYPE ?=
 DEPLOY_SET = $(if $(AWS_REGION),--set deploy.region=$(AWS_REGION)) $(if $(DEPLOY_IMAGE),--set deploy.image=$(DEPLOY_IMAGE)) \
 	$(if $(IMAGE_TAG),--set deploy.image_tag=$(IMAGE_TAG)) $(if $(INSTANCE_TYPE),--set deploy.instance_type=$(INSTANCE_TYPE))
-DEPLOY := $(PYTHON) -m detkit.deploy $(DEPLOY_SET)
+DEPLOY := $(PYTHON) -m detkit.cloud.deploy $(DEPLOY_SET)
 # The demo's params: the embedded sample, the tiny model and a training budget that CPUs finish
 # in about 3 minutes (README: make demo).
 DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learning_rate=0.002 \
@@ -109,16 +109,16 @@ rehearsal: ## the default run (Pets, ResNet-50 preset, 800 px) offline through e
 ## Serving (local)
 serve: ## serve the newest export on 127.0.0.1:8080 (SERVE_PORT=...): the container's nginx + entrypoint, TF Serving stand-in
 	MODEL_NAME=$(MODEL_NAME) MODEL_BASE_PATH=$(EXPORT_DIR) NGINX_LISTEN=127.0.0.1:$(SERVE_PORT) \
-	  TFS_BIN="$(PYTHON) -m detkit.tfserving" serving/entrypoint.sh
+	  TFS_BIN="$(PYTHON) -m detkit.serve.tfserving" serving/entrypoint.sh
 
 predict: ## IMAGE=<file> [URL=...]: send an image as a TF Serving REST request (docs/export.md), print and draw the detections
 	@test -n "$(IMAGE)" || { echo "usage: make predict IMAGE=path/to/image.jpg [URL=$(URL)]"; exit 2; }
-	$(PYTHON) -m detkit.predict "$(IMAGE)" --url "$(URL)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
+	$(PYTHON) -m detkit.serve.predict "$(IMAGE)" --url "$(URL)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
 
 batch: ## INPUT=<folder|s3://...> OUTPUT=<folder|s3://...> [DRAW=1]: the newest export over every image, one JSON each + COCO files
 	@test -n "$(INPUT)" && test -n "$(OUTPUT)" || { echo "usage: make batch INPUT=path/to/images OUTPUT=path/to/results [DRAW=1]" \
 	  "(or INPUT=s3://bucket/in OUTPUT=s3://bucket/out: SageMaker Batch Transform)"; exit 2; }
-	$(PYTHON) -m detkit.batch "$(INPUT)" "$(OUTPUT)" --export "$(EXPORT_DIR)/$(MODEL_NAME)" $(if $(DRAW),--draw) $(DEPLOY_SET)
+	$(PYTHON) -m detkit.serve.batch "$(INPUT)" "$(OUTPUT)" --export "$(EXPORT_DIR)/$(MODEL_NAME)" $(if $(DRAW),--draw) $(DEPLOY_SET)
 
 ## Deploy (AWS SageMaker; credentials from the usual AWS chain)
 docker-test: ## build the serving image from build/serving and send it the REST request of docs/export.md (needs Docker)

@@ -1,4 +1,4 @@
-"""`make batch` throughput: ``detkit.batch.run`` over a folder of Pets-like JPEGs (batched signature
+"""`make batch` throughput: ``detkit.serve.batch.run`` over a folder of Pets-like JPEGs (batched signature
 calls, the next batch read while one runs, outputs written behind it) against, in the same run, the
 same SavedModel called in-process one image per call on the same files (read, call, fetch the
 outputs; nothing written). Both count images per second after the model is loaded.
@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from benchmarks import pets_like
-from detkit import batch
 from detkit.config import load_config
-from detkit.fsio import EXPORT_LABEL_MAP, newest_version
-from detkit.labelmap import pets_label_map, write_label_map
+from detkit.core.fsio import EXPORT_LABEL_MAP, newest_version
+from detkit.data.labelmap import pets_label_map, write_label_map
+from detkit.serve import batch
 from sample import make_sample as ms
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -39,15 +39,16 @@ STANDIN_PRIOR = 0.04
 
 def standin_export(base: Path) -> Path:
     """``<base>/<model_name>/1``: retinanet_tiny, random weights, as the export stage writes it."""
-    from detkit import model
-    from stages.export import write_savedmodel
+    from detkit.models import retinanet
+    from detkit.serve.signatures import write_savedmodel
 
     cfg = load_config(overrides=["model=retinanet_tiny"])
-    detector = model.build_detector(cfg.model, len(ms.CLASSES))
-    model.set_prior_bias(detector, STANDIN_PRIOR)
-    decoder = model.make_decoder(detector, cfg.model.detection, max_detections=int(cfg.export.max_detections))
+    detector = retinanet.FAMILY.build(cfg.model, len(ms.CLASSES), None).model
+    retinanet.set_prior_bias(detector, STANDIN_PRIOR)
     export = base / cfg.export.model_name
-    write_savedmodel(detector, decoder, export / "1", ["serving_default"], int(cfg.export.max_image_pixels))
+    write_savedmodel(retinanet.FAMILY, detector, int(cfg.model.image_size), cfg.model.detection,
+                     int(cfg.export.max_detections), export / "1", ["serving_default"],
+                     int(cfg.export.max_image_pixels))
     write_label_map(export / "1" / EXPORT_LABEL_MAP, pets_label_map(set(ms.CLASSES)))
     return export
 
@@ -74,7 +75,7 @@ def one_per_call(signature, paths: list[Path]) -> float:
 
 
 def batched(export: Path, folder: Path, output: Path, batch_size: int) -> float:
-    """Images/s of ``detkit.batch.run`` at ``batch_size`` into a fresh ``output`` (after its model load)."""
+    """Images/s of ``detkit.serve.batch.run`` at ``batch_size`` into a fresh ``output`` (after its model load)."""
     summary = batch.run(folder, output, export, batch_size=batch_size, progress=False)
     assert summary["done"] == summary["files"] and not summary["bad"], summary
     return summary["images_per_s"]
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"model: {newest_version(export)}; {len(paths)} JPEGs, {kb:.0f} KB on average; {os.cpu_count()} CPU "
               f"cores, load average {os.getloadavg()[0]:.1f} at the start")
         signature = tf.saved_model.load(str(newest_version(export))).signatures["serving_default"]
-        signature(inputs=tf.constant([batch.blank_png()]))  # warm-up, as detkit.batch.run does
+        signature(inputs=tf.constant([batch.blank_png()]))  # warm-up, as detkit.serve.batch.run does
         # Other work on the machine slows some rounds: interleaved rounds, the best of each, compare
         # the two ways at their best.
         single, rates = 0.0, dict.fromkeys(sizes, 0.0)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  SavedModel in-process, one image per call: {single:7.1f} images/s")
         for size in sizes:
             default = " (the default)" if size == batch.DEFAULT_BATCH_SIZE else ""
-            print(f"  detkit.batch.run, batch size {size:>3}{default}: {rates[size]:7.1f} images/s "
+            print(f"  detkit.serve.batch.run, batch size {size:>3}{default}: {rates[size]:7.1f} images/s "
                   f"({rates[size] / single:.2f}x)")
     ratio = rates[batch.DEFAULT_BATCH_SIZE] / single
     print(f"make batch (batch size {batch.DEFAULT_BATCH_SIZE}) vs one image per call: {ratio:.2f}x "

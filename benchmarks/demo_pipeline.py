@@ -3,7 +3,7 @@
 1. Runs `make demo` (download -> ... -> eval on the embedded sample) in a fresh copy of
    the repository and prints its wall time and the AP50 it reached. Goal: under 5 minutes
    on 2 CPU cores.
-2. On the demo's records and model: images/s that ``detkit.data.train_dataset`` delivers
+2. On the demo's records and model: images/s that ``detkit.data.pipeline.train_dataset`` delivers
    (parse, decode, resize, augment, batch) against images/s of the compiled model's train
    step fed from memory. Goal: input at least 3x the step, so training is never input-bound.
 3. On the demo's export: ``benchmarks.serving_latency`` (HTTP vs in-process, ResNet-50 graph).
@@ -36,20 +36,22 @@ def time_demo(root: Path) -> float:
 
 
 def input_vs_step(root: Path, batches: int = 30) -> tuple[float, float]:
-    from detkit import data, model
-    from stages.train import make_optimizer, make_schedule
+    from detkit.data import pipeline as data
+    from detkit.models import family
+    from detkit.train.optimizer import make_optimizer, make_schedule
 
     # The copy's params and paths: DVC_ROOT is how the stages find the repo.
     with mock.patch.dict(os.environ, DVC_ROOT=str(root)):
         cfg = load_config()
         t, records = cfg.train, root / "data" / "records"
-        label_map = model.load_label_map(records)
-        detector = model.build_detector(cfg.model, len(label_map))
-        detector.compile(optimizer=make_optimizer(t, make_schedule(t)),
-                         loss_weights={"bbox_regression": 1.0, "cls_logits": float(t.class_loss_weight)})
-        size = model.input_size(detector)
+        label_map = family.load_label_map(records)
+        fam = family.family(cfg.model.family)
+        detector = family.build(cfg.model, len(label_map), None).model
+        fam.compile(detector, make_optimizer(t, make_schedule(t)), t, "auto")
+        size = int(cfg.model.image_size)
         dataset = data.train_dataset(records, size, int(t.batch_size), t.augment, max_boxes=int(t.max_boxes),
-                                     shuffle_buffer=int(t.shuffle_buffer), seed=0, deterministic=bool(t.deterministic))
+                                     shuffle_buffer=int(t.shuffle_buffer), seed=0, deterministic=bool(t.deterministic),
+                                     targets=fam.training_targets)
         iterator = iter(dataset)
         next(iterator)  # tracing and the shuffle buffer's first fill are start-up, not throughput
         start = time.perf_counter()

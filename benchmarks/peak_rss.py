@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from detkit.fsio import atomic_write_json
+from detkit.core.fsio import atomic_write_json
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from detkit.fsio import atomic_write_bytes
+from detkit.core.fsio import atomic_write_bytes
 from sample import make_sample as ms
 
 SEED = 7390

@@ -185,7 +185,7 @@ def serve_and_request(repo: Path, requests_after_first: int = 3) -> dict:
     """`make serve`'s stack on the copy's export; the REST request of docs/export.md with one val image."""
     import requests
 
-    from detkit.predict import parse_response, request_body
+    from detkit.serve.predict import parse_response, request_body
     from tests.serving import ServingStack
 
     export_base = repo / "models" / "export"

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from detkit.config import load_config
-from detkit.predict import request_body
+from detkit.serve.predict import request_body
 from stages.package import newest_version
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -134,20 +134,19 @@ def resnet50_latency(runs: int) -> None:
     """Export a random-weight retinanet_resnet50 (640 px) and time its serving signature."""
     import tensorflow as tf
 
-    from detkit import model
-    from stages.export import write_savedmodel
+    from detkit.models import retinanet as model
+    from detkit.serve.signatures import write_savedmodel
 
-    cfg = load_config(overrides=["model=retinanet_resnet50", "model.builder=retinanet", "model.pretrained=none",
-                                 "model.image_size=640"])
-    detector = model.build_detector(cfg.model, 37)
+    cfg = load_config(overrides=["model=retinanet_resnet50", "model.image_size=640"])
+    detector = model.FAMILY.build(cfg.model, 37, None).model
     image = tf.constant([jpeg((640, 640), seed=1)])
     # Random weights score every anchor near the prior (0.01), below the 0.05 threshold: NMS
     # would see nothing. A prior of 0.5 puts all anchors above it: NMS's worst case.
     for label, prior in (("trained-like prior 0.01", 0.01), ("every anchor above threshold", 0.5)):
         model.set_prior_bias(detector, prior)
-        decoder = model.make_decoder(detector, cfg.model.detection)
         with tempfile.TemporaryDirectory() as tmp:
-            write_savedmodel(detector, decoder, Path(tmp) / "1", ["serving_default"], cfg.export.max_image_pixels)
+            write_savedmodel(model.FAMILY, detector, 640, cfg.model.detection, int(cfg.export.max_detections),
+                             Path(tmp) / "1", ["serving_default"], cfg.export.max_image_pixels)
             serve = tf.saved_model.load(str(Path(tmp) / "1")).signatures["serving_default"]
             serve(inputs=image)  # first call traces and allocates
             times = []

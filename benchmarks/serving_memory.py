@@ -31,8 +31,8 @@ from benchmarks.batch_inference import standin_export
 from benchmarks.peak_rss import rss_bytes
 from benchmarks.serving_latency import jpeg
 from detkit.config import load_config
-from detkit.fsio import EXPORT_CHECK
-from detkit.predict import request_body
+from detkit.core.fsio import EXPORT_CHECK
+from detkit.serve.predict import request_body
 from stages.package import newest_version
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -33,7 +33,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from detkit.fsio import atomic_write_bytes, atomic_write_json
+from detkit.core.fsio import atomic_write_bytes, atomic_write_json
 from sample.make_sample import tar_gz
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -40,18 +40,18 @@ def bare_fit(cfg, records: Path) -> float:
     """Seconds for ``cfg.train.steps`` steps of a plain ``fit`` on the stage's model and dataset."""
     import keras
 
-    from detkit import data as D
-    from detkit import model as M
-    from stages.train import make_optimizer, make_schedule
+    from detkit.data import pipeline as D
+    from detkit.models import family
+    from detkit.train.optimizer import make_optimizer, make_schedule
 
     t = cfg.train
     keras.utils.set_random_seed(int(t.seed))
-    detector = M.build_detector(cfg.model, len(M.load_label_map(records)))
-    detector.compile(optimizer=make_optimizer(t, make_schedule(t)),
-                     loss_weights={"bbox_regression": 1.0, "cls_logits": float(t.class_loss_weight)})
-    dataset = D.train_dataset(records, M.input_size(detector), int(t.batch_size), t.augment,
+    fam = family.family(cfg.model.family)
+    detector = family.build(cfg.model, len(family.load_label_map(records)), None).model
+    fam.compile(detector, make_optimizer(t, make_schedule(t)), t, "auto")
+    dataset = D.train_dataset(records, int(cfg.model.image_size), int(t.batch_size), t.augment,
                               max_boxes=int(t.max_boxes), shuffle_buffer=int(t.shuffle_buffer), seed=int(t.seed),
-                              deterministic=bool(t.deterministic))
+                              deterministic=bool(t.deterministic), targets=fam.training_targets)
     start = time.perf_counter()
     detector.fit(dataset, epochs=1, steps_per_epoch=int(t.steps), shuffle=False, verbose=0)
     return time.perf_counter() - start

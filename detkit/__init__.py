@@ -2,7 +2,7 @@
 
 import os
 
-from detkit import tflog
+from detkit.core import tflog
 
 tflog.install()
 # MLflow logs its database set-up and migrations at INFO on first use: nothing a user acts on.

@@ -20,6 +20,6 @@ done
 curl -fsS "http://127.0.0.1:$port/ping" >/dev/null || { docker logs "$container"; echo "docker-test: /ping never answered 200"; exit 1; }
 sample="$(mktemp --suffix=.jpg)"
 "$python" -c "from benchmarks.serving_latency import jpeg; import sys; open(sys.argv[1], 'wb').write(jpeg((500, 375)))" "$sample"
-"$python" -m detkit.predict "$sample" --url "http://127.0.0.1:$port/invocations" --export "$context/model/$model_name" \
+"$python" -m detkit.serve.predict "$sample" --url "http://127.0.0.1:$port/invocations" --export "$context/model/$model_name" \
   --out "${sample%.jpg}_detections.png"
 echo "docker-test: passed: the container answered /ping and the REST request of docs/export.md on /invocations"

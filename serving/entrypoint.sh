@@ -10,7 +10,7 @@ MODEL_BASE_PATH="${MODEL_BASE_PATH:-/models}"  # holds ${MODEL_NAME}/<version>/s
 NGINX_LISTEN="${NGINX_LISTEN:-${SAGEMAKER_BIND_TO_PORT:-8080}}"
 TFS_REST_PORT="${TFS_REST_PORT:-8501}"
 TFS_GRPC_PORT="${TFS_GRPC_PORT:-8500}"
-TFS_BIN="${TFS_BIN:-tensorflow_model_server}"  # a command line: the stand-in is `python -m detkit.tfserving`
+TFS_BIN="${TFS_BIN:-tensorflow_model_server}"  # a command line: the stand-in is `python -m detkit.serve.tfserving`
 NGINX_BIN="${NGINX_BIN:-nginx}"
 SERVING_DIR="${SERVING_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}"
 # TF Serving's request batching. With a timeout of 0 a lone request never waits for company,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from detkit.archive import ArchiveError, archive_suffix, fetch, safe_extract
-from detkit.cli import run_stage, stage_parser
 from detkit.config import ConfigError, workspace_root
-from detkit.fsio import atomic_dir
+from detkit.config.cli import run_stage, stage_parser
+from detkit.core.fsio import atomic_dir
+from detkit.data.archive import ArchiveError, archive_suffix, fetch, safe_extract
 
 
 def _check_archives(archives: ListConfig) -> None:

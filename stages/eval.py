@@ -1,7 +1,7 @@
 """DVC stage ``eval``: COCO metrics of the trained model on the val split.
 
-Runs the trained model (``models/checkpoints/final``) with the same resize and per-class NMS
-as the exported model, and writes
+Runs the trained model (``models/checkpoints/final``, any family) with the same resize and
+detection decoding as the exported model, and writes
 
 - ``metrics/eval.json``: the 12 COCO numbers (AP, AP50, AP75, APs/m/l, AR1/10/100,
   ARs/m/l), the image count and the training step: DVC metrics, shown by ``dvc exp show``;
@@ -29,14 +29,15 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from detkit import tracking
-from detkit.checkpoints import FINAL, RUN_FILE
-from detkit.cli import run_stage, stage_parser
-from detkit.coco import ImageResult, evaluate, predict_split
 from detkit.config import ConfigError
-from detkit.draw import PREDICTED, TRUE, detection_labels, draw_boxes
-from detkit.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
-from detkit.labelmap import read_label_map
+from detkit.config.cli import run_stage, stage_parser
+from detkit.core.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
+from detkit.data.labelmap import read_label_map
+from detkit.eval.coco import ImageResult, evaluate, predict_split
+from detkit.eval.draw import PREDICTED, TRUE, detection_labels, draw_boxes
+from detkit.models import family
+from detkit.train import tracking
+from detkit.train.checkpoints import FINAL, RUN_FILE
 
 
 def draw_samples(results: list[ImageResult], encoded: dict[int, bytes], label_map: dict[int, str],
@@ -58,13 +59,11 @@ def draw_samples(results: list[ImageResult], encoded: dict[int, bytes], label_ma
 
 def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict[str, Any]:
     """Evaluate ``inputs['checkpoints']/final`` on ``inputs['records']`` val shards."""
-    from detkit import model
-
     records, checkpoints = Path(inputs["records"]), Path(inputs["checkpoints"])
-    detector, info = model.load_trained(checkpoints / FINAL)
-    decoder = model.make_decoder(detector, info.get("detection"))
-    label_map = read_label_map(records / "label_map.pbtxt")
-    results, encoded = predict_split(model.detection_function(detector, decoder), model.input_size(detector),
+    fam, detector, info = family.load_trained(checkpoints / FINAL)
+    size = int(info["image_size"])
+    label_map = read_label_map(records / family.LABEL_MAP_FILE)
+    results, encoded = predict_split(family.detection_function(fam, detector, size, info["detection"]), size,
                                      records, cfg.eval.batch_size)
     if not results:
         raise ConfigError(f"{records}: the val split is empty; nothing to evaluate (see split.train_fraction)")
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, {"records": args.records, "checkpoints": args.checkpoints},
                    {"metrics": args.metrics, "plots": args.plots})
 
-    return run_stage(parser, argv, call)
+    return run_stage(parser, argv, call, errors=(family.ModelError,))
 
 
 if __name__ == "__main__":

@@ -32,9 +32,9 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from detkit import fsio
-from detkit.cli import run_stage, stage_parser
-from detkit.fsio import atomic_dir, atomic_write_bytes
+from detkit.config.cli import run_stage, stage_parser
+from detkit.core import fsio
+from detkit.core.fsio import atomic_dir, atomic_write_bytes
 
 # What the Dockerfile copies from the context besides the model: package fails without them.
 SERVING_FILES = ("Dockerfile", "nginx.conf.template", "invocations.js", "render-nginx-conf.sh", "entrypoint.sh")

@@ -26,10 +26,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from detkit.archive import ArchiveError, archive_suffix, fetch, safe_extract
-from detkit.cli import run_stage, stage_parser
 from detkit.config import ConfigError, workspace_root
-from detkit.fsio import atomic_dir, atomic_write_json
+from detkit.config.cli import run_stage, stage_parser
+from detkit.core.fsio import atomic_dir, atomic_write_json
+from detkit.data.archive import ArchiveError, archive_suffix, fetch, safe_extract
 
 HUB_SCHEMES = ("kaggle://", "hf://", "modelscope://")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")

@@ -81,8 +81,8 @@ def val_examples(demo_repo) -> list[dict]:
     """The demo's val examples, parsed: encoded image, size, true boxes and labels."""
     import tensorflow as tf
 
-    from detkit.data import shard_files
-    from detkit.records import feature_spec
+    from detkit.data.pipeline import shard_files
+    from detkit.data.records import feature_spec
 
     examples = []
     for serialized in tf.data.TFRecordDataset(shard_files(demo_repo / "data" / "records", "val")):

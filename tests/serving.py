@@ -49,7 +49,7 @@ class ServingStack:
         self.tfs_url = f"http://127.0.0.1:{self.tfs_port}/v1/models/{model_name}"
         self.env = dict(os.environ, MODEL_NAME=model_name, MODEL_BASE_PATH=str(export_base),
                         NGINX_LISTEN=f"127.0.0.1:{self.nginx_port}", TFS_REST_PORT=str(self.tfs_port),
-                        TFS_GRPC_PORT=str(free_port()), TFS_BIN=f"{sys.executable} -m detkit.tfserving",
+                        TFS_GRPC_PORT=str(free_port()), TFS_BIN=f"{sys.executable} -m detkit.serve.tfserving",
                         PYTHONPATH=str(REPO_ROOT))
         self.env.update(env or {})
         self.process: subprocess.Popen | None = None

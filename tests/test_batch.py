@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detkit import batch
-from detkit.fsio import newest_version
+from detkit.core.fsio import newest_version
+from detkit.serve import batch
 from tests.repo_copy import make
 
 TOLERANCE = 1e-5  # normalised coordinates and scores: the batch's calls against one image per call

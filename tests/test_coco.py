@@ -1,11 +1,11 @@
-"""detkit.coco: COCO metrics with pycocotools semantics, whichever backend computes them."""
+"""detkit.eval.coco: COCO metrics with pycocotools semantics, whichever backend computes them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from detkit.coco import STAT_NAMES, ImageResult, evaluate
+from detkit.eval.coco import STAT_NAMES, ImageResult, evaluate
 
 LABEL_MAP = {1: "Abyssinian", 2: "american_bulldog", 3: "Bengal", 4: "beagle", 5: "pug"}
 

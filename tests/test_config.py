@@ -93,7 +93,7 @@ def test_out_of_range_values_are_refused(override, message):
 
 
 def test_command_line_prints_one_value_or_names_the_closest_key(capsys):
-    from detkit.config import main
+    from detkit.config.show import main
 
     assert main(["export.model_name"]) == 0
     assert capsys.readouterr().out.strip() == "pet_object_detection"

@@ -1,4 +1,4 @@
-"""detkit.data: the tf.data pipelines keep images and boxes consistent through resize and augmentation."""
+"""detkit.data.pipeline: the tf.data pipelines keep images and boxes consistent through resize and augmentation."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import tensorflow as tf
 from omegaconf import OmegaConf
 from PIL import Image
 
-from detkit import data as D
-from detkit.labelmap import read_label_map
-from detkit.records import encode_example
+from detkit.data import pipeline as D
+from detkit.data.labelmap import read_label_map
+from detkit.data.records import encode_example
 from tests.images import png_declaring
 
 AUGMENT_ALL = OmegaConf.create({"hflip": True, "crop_min_scale": 0.5, "brightness": 0.1, "contrast": 0.1})
@@ -73,10 +73,10 @@ def test_train_batches_have_the_fit_format(sample_records):
     assert boxes.dtype == np.float32 and labels.dtype == np.float32
     real = labels >= 0
     assert real[:, 0].all() and not real[:, 1:].any()  # the sample has one head per image
-    assert (boxes[~real] == -1).all()  # padding is -1, KerasHub's "no box"
+    assert (boxes[~real] == -1).all()  # padding rows are -1
     assert ((0 <= labels[real]) & (labels[real] <= 36)).all()  # 0-based: label-map ids minus one
     b = boxes[real]
-    assert ((0 <= b) & (b <= 64)).all() and (b[:, 0] < b[:, 2]).all() and (b[:, 1] < b[:, 3]).all()
+    assert ((0 <= b) & (b <= 1)).all() and (b[:, 0] < b[:, 2]).all() and (b[:, 1] < b[:, 3]).all()  # normalised
 
 
 @pytest.mark.parametrize("augment_cfg", [AUGMENT_NONE, AUGMENT_ALL], ids=["plain", "crop+flip+photometric"])
@@ -88,7 +88,7 @@ def test_boxes_follow_the_pixels_through_resize_and_augmentation(red_records, au
         for image, box, label in zip(images.numpy(), targets["boxes"].numpy(), targets["labels"].numpy()):
             assert label[0] == 4 and (label[1:] == -1).all()  # label-map id 5 -> class 4
             # Bilinear resize blurs an edge by about a pixel; a box/pixel mismatch would be far more.
-            np.testing.assert_allclose(box[0], _red_extent(image), atol=2.0)
+            np.testing.assert_allclose(box[0] * size, _red_extent(image), atol=2.0)
 
 
 def test_hflip_mirrors_image_and_boxes():

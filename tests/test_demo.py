@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from detkit.labelmap import read_label_map
+from detkit.data.labelmap import read_label_map
 from tests.repo_copy import activated_env, run
 
 # TensorFlow's C++ start-up lines: absl's pre-init notice and C++ log records (severity, date, time,

@@ -1,4 +1,4 @@
-"""detkit.deploy against moto in server mode on 127.0.0.1: the endpoint lifecycle with either
+"""detkit.cloud.deploy against moto in server mode on 127.0.0.1: the endpoint lifecycle with either
 image kind, the quality gate, the batching plan, guarded updates and their alarms,
 autoscaling, and the Make targets. No Docker engine here: the docker steps are a recorded
 no-op (``RecordingDocker``), and moto's missing ``update_endpoint`` is emulated behind the
@@ -13,10 +13,10 @@ import shutil
 import pytest
 import requests
 
-from detkit import deploy
+from detkit.cloud import deploy
 from detkit.config import load_config
-from detkit.labelmap import read_label_map
-from detkit.predict import request_body
+from detkit.data.labelmap import read_label_map
+from detkit.serve.predict import request_body
 from tests.moto_server import moto_server
 from tests.repo_copy import make
 

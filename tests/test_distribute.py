@@ -1,4 +1,4 @@
-"""detkit.distribute through the train stage: the GPU branch (mixed precision + MirroredStrategy) on
+"""detkit.train.distribute through the train stage: the GPU branch (mixed precision + MirroredStrategy) on
 two logical CPU devices, and MultiWorkerMirroredStrategy over two worker processes on 127.0.0.1."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from detkit import distribute
+from detkit.train import distribute
 from tests.repo_copy import activated_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,11 +158,11 @@ def test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes(
         assert f"resuming from {chief_dir / f'ckpt-{killed_at:07d}'} (step {killed_at} of 48)" in output
     assert digests(chief_out) == digests(worker_out)  # identical trainable weights on both workers
 
-    from detkit import model as M
     from detkit.config import load_config
+    from detkit.models import family as F
 
-    final, info = M.load_trained(chief_dir / "final")
-    as_trained = M.build_detector(load_config(overrides=overrides).model, 37)  # same trainable set as in training
+    _, final, info = F.load_trained(chief_dir / "final")
+    as_trained = F.build(load_config(overrides=overrides).model, 37, None).model  # same trainable set as in training
     as_trained.set_weights(final.get_weights())
     assert info["step"] == 48 and distribute.weights_digest(as_trained) == digests(chief_out)
     assert not (tmp_path / "w1").exists()

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import yaml
 
-from detkit import config, fsio, labelmap, records
+from detkit.config import schema
+from detkit.core import fsio
+from detkit.data import annotations, examples, labelmap, records
 from sample import make_sample
-from stages import tfrecord
 from tests.repo_copy import git_files
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("dataset", "tfrecords", "export", "serving", "deploy")
+PAGES = ("dataset", "tfrecords", "models", "export", "serving", "deploy")
 # Spelled with a character class so that this file does not match itself.
 OUTSIDE_DOCUMENT = re.compile(r"\bD[E]SIGN\b")
 LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]\n]+\]:\s*(\S+)", re.M)
@@ -106,8 +107,8 @@ def test_dataset_page_names_every_sample_quirk_and_image_suffix():
     text = page("dataset")
     quirk_files = [name for names in make_sample.QUIRKS.values() for name in names]
     assert [name for name in quirk_files if f"`{name}" not in text] == []
-    assert "`" + "`, `".join(tfrecord.IMAGE_SUFFIXES) + "`" in text  # in the order they are tried
-    assert f"quality {tfrecord.REENCODE_QUALITY}" in text
+    assert "`" + "`, `".join(annotations.IMAGE_SUFFIXES) + "`" in text  # in the order they are tried
+    assert f"quality {examples.REENCODE_QUALITY}" in text
     label_map = labelmap.pets_label_map({labelmap.pets_class_name(f"{breed}_1") for breed in make_sample.CLASSES})
     flowed = " ".join(text.split())  # Markdown reflows lines
     assert all(f"{i} `{label_map[i]}`" in flowed for i in (1, 2, 3, len(label_map)))
@@ -140,11 +141,11 @@ def test_tfrecords_page_shows_shard_names_and_the_label_map_format():
     text = page("tfrecords")
     assert missing_mentions(text, ["<split>-<i>-of-<count>.tfrecord"]) == []
     for split, count in (("train", 10), ("val", 4)):
-        names = tfrecord._shard_names(split, count)
+        names = examples.shard_names(split, count)
         assert names[0] in text and names[-1] in text
     shown = labelmap.format_label_map({1: make_sample.CLASSES[0], 2: make_sample.CLASSES[1]}).strip()
     assert shown in text
-    assert f"quality {tfrecord.REENCODE_QUALITY}" in text
+    assert f"quality {examples.REENCODE_QUALITY}" in text
 
 
 # ---------------------------------------------------------------------------- serving.md
@@ -199,8 +200,8 @@ def test_serving_page_states_the_image_ports_and_nginx_limits():
 
 def test_deploy_page_names_every_setting_environment_and_make_variable():
     text = page("deploy")
-    keys = [field.name for field in dataclasses.fields(config.Deploy)]
-    for field in dataclasses.fields(config.Deploy):
+    keys = [field.name for field in dataclasses.fields(schema.Deploy)]
+    for field in dataclasses.fields(schema.Deploy):
         group = field.default_factory() if field.default_factory is not dataclasses.MISSING else None
         nested = dataclasses.fields(group) if dataclasses.is_dataclass(group) else []
         for key in [f"{field.name}.{sub.name}" for sub in nested] or [field.name]:
@@ -242,16 +243,16 @@ def test_tfrecords_page_lists_every_key_that_feature_spec_parses():
 
 
 def test_export_page_shows_every_signature_as_saved_model_cli_does():
-    from stages import export
+    from detkit.serve import signatures
 
     text = page("export")
-    default = export.expected_signature("M")
+    default = signatures.expected_signature("M")
     assert f"`{default['method_name']}`" in text
     for kind in ("inputs", "outputs"):
         for name, (dtype, shape) in default[kind].items():
             assert f"| {kind[:-1]} | `{name}` | `{dtype}` | `{shape}` |" in text, (name, dtype, shape)
-    for signature in config.EXTRA_SIGNATURES:
-        expected = export.expected_signature("M", signature)
+    for signature in schema.EXTRA_SIGNATURES:
+        expected = signatures.expected_signature("M", signature)
         (dtype, shape), = expected["inputs"].values()
         assert f"| `{signature}` | `{dtype}` | `{shape}` |" in text, signature
         # "with the same outputs": the same names and dtypes, the batch size aside.

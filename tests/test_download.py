@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from detkit import cli
-from detkit.archive import DownloadError, UnsafeArchiveError, fetch
-from detkit.config import ConfigError
+from detkit.config import ConfigError, cli
+from detkit.data.archive import DownloadError, UnsafeArchiveError, fetch
 from stages import download
 from stages.download import run
 from tests.httpserver import FileServer, dead_url

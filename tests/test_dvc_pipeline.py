@@ -72,6 +72,21 @@ def test_data_stages_run_once_and_rerun_only_on_their_params(repo):
         set_params(repo, **{"split.seed": 42})
 
 
+def test_editing_a_module_a_stage_imports_through_another_makes_the_stage_changed(repo):
+    run(["dvc", "repro", "tfrecord"], repo)
+    # stages/tfrecord.py -> detkit/data/annotations.py -> detkit/data/labelmap.py
+    labelmap = repo / "detkit" / "data" / "labelmap.py"
+    original = labelmap.read_text()
+    labelmap.write_text(original + "\n# an edit\n")
+    try:
+        status = run(["dvc", "status", "tfrecord"], repo).stdout
+        changed = r"^tfrecord:\s*\n\s+changed deps:\s*\n\s+modified:\s+detkit/data/labelmap.py"
+        assert re.search(changed, status, re.M), status
+    finally:
+        labelmap.write_text(original)
+    assert "up to date" in run(["dvc", "status", "tfrecord"], repo).stdout
+
+
 def test_whole_pipeline_then_a_param_reruns_only_what_depends_on_it(repo):
     first = run(["dvc", "repro"], repo)
     assert {"pretrained", "train", "eval", "export"} <= set(ran(first.stdout)), first.stdout

@@ -16,10 +16,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from detkit import model
-from detkit.checkpoints import FINAL
 from detkit.config import load_config
-from detkit.labelmap import read_label_map
+from detkit.data.labelmap import read_label_map
+from detkit.models import family
+from detkit.serve import export_check, signatures
+from detkit.train.checkpoints import FINAL
 from stages import export
 from tests.images import png_declaring
 
@@ -68,15 +69,15 @@ def test_saved_model_cli_shows_the_design_signature(version_1):
     for name in ("detection_classes", "detection_scores"):
         assert f"outputs['{name}'] tensor_info:\n      dtype: DT_FLOAT\n      shape: (-1, 100)" in text
     assert "outputs['num_detections'] tensor_info:\n      dtype: DT_FLOAT\n      shape: (-1)" in text
-    assert export.saved_model_cli_show(version_1, "serving_default") == \
-        export.expected_signature(100)
+    assert signatures.saved_model_cli_show(version_1, "serving_default") == \
+        signatures.expected_signature(100)
 
 
 def test_reexport_adds_a_version_and_leaves_the_old_one(reexported):
     out, before, summary = reexported
     assert summary["version"] == 2 and summary["check"]["passed"]
     assert tree_digest(out / "pet_object_detection" / "1") == before
-    shown = export.saved_model_cli_show(out / "pet_object_detection" / "2", "serving_default")
+    shown = signatures.saved_model_cli_show(out / "pet_object_detection" / "2", "serving_default")
     assert shown["outputs"]["detection_boxes"] == ["DT_FLOAT", "(-1, 20, 4)"]
 
 
@@ -94,8 +95,8 @@ def test_extra_signatures_agree_with_serving_default(reexported, val_examples):
     out, _, _ = reexported
     loaded = tf.saved_model.load(str(out / "pet_object_detection" / "2"))
     for name in ("image_tensor", "tf_example"):
-        shown = export.saved_model_cli_show(out / "pet_object_detection" / "2", name)
-        assert shown == export.expected_signature(20, name)
+        shown = signatures.saved_model_cli_show(out / "pet_object_detection" / "2", name)
+        assert shown == signatures.expected_signature(20, name)
     encoded = val_examples[0]["encoded"]
     reference = loaded.signatures["serving_default"](inputs=tf.constant([encoded]))
     pixels = tf.io.decode_jpeg(encoded, channels=3)[None]  # TensorFlow's decoder, as serving_default's
@@ -138,10 +139,12 @@ def test_an_image_over_the_pixel_limit_is_refused_and_the_next_call_answers(serv
 
 
 def test_check_fails_when_the_export_differs_from_the_model(demo_repo, version_1, val_examples):
-    detector, info = model.load_trained(demo_repo / "models" / "checkpoints" / FINAL)
-    stricter = model.make_decoder(detector, info["detection"], score_threshold=0.5)
-    check = export.check_export(version_1, detector, stricter, [e["encoded"] for e in val_examples[:4]],
-                                tolerance=1e-4, max_detections=100, signatures=["serving_default"])
+    fam, detector, info = family.load_trained(demo_repo / "models" / "checkpoints" / FINAL)
+    stricter = {**info["detection"], "score_threshold": 0.5}
+    stricter = family.detection_function(fam, detector, info["image_size"], stricter)
+    check = export_check.check_export(version_1, stricter, info["image_size"], 0.5,
+                                      [e["encoded"] for e in val_examples[:4]], tolerance=1e-4, max_detections=100,
+                                      signatures=["serving_default"])
     assert not check["passed"]
     assert check["mismatched"] > 0
 
@@ -161,17 +164,24 @@ A, B, C = [0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.6, 0.9], [0.0, 0.0, 0.3, 0.2]
 def test_compare_detections_does_not_depend_on_the_order_of_tied_scores():
     expected = detections([(0.7, 3, A), (0.7, 5, B), (0.4, 3, C)])
     swapped = detections([(0.7, 5, B), (0.7, 3, A), (0.4, 3, C)])
-    result = export.compare_detections(expected, swapped, 1e-3, score_threshold=0.05, iou_threshold=0.5)
+    result = export_check.compare_detections(expected, swapped, 1e-3, score_threshold=0.05)
     assert result == {"matched": 3, "near_ties": 0, "mismatched": 0,
                       "max_abs_difference": {"detection_boxes": 0.0, "detection_scores": 0.0}}
 
 
-def test_compare_detections_takes_a_near_tie_that_nms_broke_the_other_way_as_rounding():
-    # Two overlapping candidates of one class whose scores differ by rounding: NMS keeps either.
+def test_compare_detections_matches_an_nms_swap_of_near_identical_candidates():
+    # Two candidates of one class, scores and boxes equal up to rounding: NMS keeps either.
     kept_a = detections([(0.6000004, 2, A), (0.3, 1, C)])
-    kept_b = detections([(0.6, 2, [0.12, 0.1, 0.52, 0.5]), (0.3, 1, C)])
-    result = export.compare_detections(kept_a, kept_b, 1e-6, score_threshold=0.05, iou_threshold=0.5)
-    assert (result["matched"], result["near_ties"], result["mismatched"]) == (1, 2, 0)
+    kept_b = detections([(0.6, 2, [v + 1e-7 for v in A]), (0.3, 1, C)])
+    result = export_check.compare_detections(kept_a, kept_b, 1e-6, score_threshold=0.05)
+    assert (result["matched"], result["near_ties"], result["mismatched"]) == (2, 0, 0)
+
+
+def test_compare_detections_refuses_an_overlapping_box_moved_past_the_tolerance():
+    kept_a = detections([(0.6, 2, A), (0.3, 1, C)])
+    kept_b = detections([(0.6, 2, [0.12, 0.1, 0.52, 0.5]), (0.3, 1, C)])  # IoU 0.9 with A, moved by 0.02
+    result = export_check.compare_detections(kept_a, kept_b, 1e-3, score_threshold=0.05)
+    assert (result["matched"], result["near_ties"], result["mismatched"]) == (1, 0, 2)
 
 
 @pytest.mark.parametrize("changed", [
@@ -182,18 +192,21 @@ def test_compare_detections_takes_a_near_tie_that_nms_broke_the_other_way_as_rou
 ])
 def test_compare_detections_refuses_real_differences(changed):
     expected = detections([(0.7, 3, A), (0.7, 5, B), (0.4, 3, C)])
-    result = export.compare_detections(expected, detections(changed), 1e-3, score_threshold=0.05, iou_threshold=0.5)
+    result = export_check.compare_detections(expected, detections(changed), 1e-3, score_threshold=0.05)
     assert result["mismatched"] > 0
 
 
 def test_export_check_passes_on_a_model_whose_scores_are_all_tied(demo_repo, tmp_path, val_examples):
-    detector, info = model.load_trained(demo_repo / "models" / "checkpoints" / FINAL)
+    fam, detector, info = family.load_trained(demo_repo / "models" / "checkpoints" / FINAL)
     layer = detector.classification_head.prediction_layer
     layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
     layer.bias.assign(np.zeros(layer.bias.shape, "float32"))  # every anchor scores 0.5 for every class
-    decoder = model.make_decoder(detector, info["detection"])
-    export.write_savedmodel(detector, decoder, tmp_path / "1", ["serving_default"], max_pixels=25_000_000)
-    check = export.check_export(tmp_path / "1", detector, decoder, [e["encoded"] for e in val_examples[:4]],
-                                tolerance=1e-3, max_detections=100, signatures=["serving_default"])
+    size, detection = info["image_size"], info["detection"]
+    signatures.write_savedmodel(fam, detector, size, detection, 100, tmp_path / "1", ["serving_default"],
+                                max_pixels=25_000_000)
+    reference = family.detection_function(fam, detector, size, detection, 100)
+    check = export_check.check_export(tmp_path / "1", reference, size, detection["score_threshold"],
+                                      [e["encoded"] for e in val_examples[:4]], tolerance=1e-3, max_detections=100,
+                                      signatures=["serving_default"])
     assert check["passed"], check
     assert check["matched"] == 4 * 100  # 100 detections per image, all with score 0.5

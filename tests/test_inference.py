@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from detkit.predict import request_body
+from detkit.serve.predict import request_body
 from tests.serving import REPO_ROOT
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detkit.labelmap import read_label_map
-from detkit.predict import top_detections
+from detkit.data.labelmap import read_label_map
+from detkit.serve.predict import top_detections
 from tests.repo_copy import make
 
 pytestmark = pytest.mark.slow

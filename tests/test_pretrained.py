@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from detkit import model
-from detkit.archive import ArchiveError
 from detkit.config import ConfigError, load_config
+from detkit.data.archive import ArchiveError
+from detkit.models import family
 from stages import pretrained
 from tests.httpserver import FileServer
 
@@ -26,7 +26,7 @@ def tiny_preset(tmp_path_factory):
     """A small RetinaNet saved as a KerasHub preset, and a .tar.gz of it."""
     root = tmp_path_factory.mktemp("preset")
     cfg = load_config(overrides=["model=retinanet_tiny"])
-    detector = model.build_detector(cfg.model, num_classes=3)
+    detector = family.build(cfg.model, 3, None).model
     detector.save_to_preset(str(root / "tiny_preset"))
     with tarfile.open(root / "tiny_preset.tar.gz", "w:gz") as tar:
         tar.add(root / "tiny_preset", arcname="tiny_preset")

@@ -1,9 +1,9 @@
-"""detkit.records serialises tf.train.Example without TensorFlow: TensorFlow's own
+"""detkit.data.records serialises tf.train.Example without TensorFlow: TensorFlow's own
 serialisation of the same features must give the very same bytes."""
 
 import tensorflow as tf
 
-from detkit.records import BOX_KEYS, TFRecordFile, encode_example, feature_spec
+from detkit.data.records import BOX_KEYS, TFRecordFile, encode_example, feature_spec
 
 RECORD = {
     "height": 375, "width": 500, "filename": "Abyssinian_1.jpg", "sha256": "ab" * 32,

@@ -18,7 +18,7 @@ import pytest
 import requests
 from PIL import Image
 
-from detkit.predict import request_body
+from detkit.serve.predict import request_body
 from tests.httpserver import free_port
 from tests.repo_copy import make, make_in_background, user_env
 from tests.serving import REPO_ROOT, ServingStack, alive, descendants
@@ -83,7 +83,7 @@ def test_batching_settings_reach_the_model_server_and_batch_transform(demo_repo,
     wrapper.write_text('#!/usr/bin/env bash\nset -euo pipefail\nprintf "%s\\n" "$@" > "$ARGS_FILE"\n'
                        'for a in "$@"; do case "$a" in\n'
                        '  --batching_parameters_file=*) cp "${a#*=}" "$ARGS_FILE.batching";;\n'
-                       'esac; done\nexec "$PYTHON" -m detkit.tfserving "$@"\n')
+                       'esac; done\nexec "$PYTHON" -m detkit.serve.tfserving "$@"\n')
     wrapper.chmod(0o755)
     args_file = tmp_path / "args"
     env = {"TFS_BIN": str(wrapper), "ARGS_FILE": str(args_file), "PYTHON": sys.executable,
@@ -102,7 +102,7 @@ def test_batching_settings_reach_the_model_server_and_batch_transform(demo_repo,
 
 
 def test_make_docker_test_says_it_skipped_without_an_engine():
-    from detkit.deploy import DockerEngine
+    from detkit.cloud.deploy import DockerEngine
 
     if DockerEngine.available():
         pytest.skip("a Docker engine exists here: make docker-test really builds the image")

@@ -15,8 +15,9 @@ import tensorflow as tf
 from lxml import etree
 
 from detkit.config import load_config
-from detkit.labelmap import pets_class_name, read_label_map
-from detkit.records import feature_spec
+from detkit.data import annotations
+from detkit.data.labelmap import pets_class_name, read_label_map
+from detkit.data.records import feature_spec
 from sample.make_sample import CLASSES, QUIRKS
 from stages import tfrecord
 
@@ -86,8 +87,8 @@ def test_boxes_and_labels_match_xml_and_label_map(examples, sample_raw, sample_r
 
 
 def test_split_is_the_pets_tools_seeded_70_30(examples, sample_raw, cfg):
-    rows, _, _ = tfrecord.list_pets(sample_raw)
-    train, val = tfrecord.split_rows(rows, cfg.split.train_fraction, cfg.split.seed)
+    rows, _, _ = annotations.list_pets(sample_raw)
+    train, val = annotations.split_rows(rows, cfg.split.train_fraction, cfg.split.seed)
     assert len(train) == int(0.7 * len(rows))
     by_split = {"train": {f"{s}.jpg" for s, _ in train}, "val": {f"{s}.jpg" for s, _ in val}}
     for name, (split, _) in examples.items():
@@ -206,7 +207,7 @@ def test_malformed_list_row_names_file_and_line_and_keeps_old_output(sample_raw,
     out = tmp_path / "records"
     out.mkdir()
     (out / "keep.txt").write_text("previous output")
-    with pytest.raises(tfrecord.DatasetError, match=r"trainval.txt:3: expected"):
+    with pytest.raises(annotations.DatasetError, match=r"trainval.txt:3: expected"):
         tfrecord.run(cfg, {"raw": raw}, {"records": out})
     assert (out / "keep.txt").read_text() == "previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "records"]
@@ -216,7 +217,7 @@ def test_missing_list_file_is_named(cfg, tmp_path):
     (tmp_path / "raw" / "annotations").mkdir(parents=True)
     assert tfrecord.main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out"),
                           "--params", "params.yaml"]) == 2
-    with pytest.raises(tfrecord.DatasetError, match="annotations/trainval.txt: missing"):
+    with pytest.raises(annotations.DatasetError, match="annotations/trainval.txt: missing"):
         tfrecord.run(cfg, {"raw": tmp_path / "raw"}, {"records": tmp_path / "out"})
     assert not (tmp_path / "out").exists()
 
@@ -234,10 +235,11 @@ def test_process_pool_writes_what_one_process_writes(sample_raw, cfg, tmp_path):
 
 def test_shards_take_rows_round_robin_like_the_pets_tool(sample_raw, sample_records, stats, cfg):
     # create_pet_tf_record writes row i to shard i % num_shards, counting rows it skips.
-    rows, _, _ = tfrecord.list_pets(sample_raw)
+    rows, _, _ = annotations.list_pets(sample_raw)
     skipped = {entry["file"].split("/")[1].split(".")[0] for entry in stats["skipped"]}
     spec = feature_spec()
-    for split, split_rows in zip(("train", "val"), tfrecord.split_rows(rows, cfg.split.train_fraction, cfg.split.seed)):
+    splits = annotations.split_rows(rows, cfg.split.train_fraction, cfg.split.seed)
+    for split, split_rows in zip(("train", "val"), splits):
         count = cfg.tfrecord[f"{split}_shards"]
         for number, name in enumerate(stats["splits"][split]["shards"]):
             stems = [tf.io.parse_single_example(r, spec)["image/filename"].numpy().decode().split(".")[0]

@@ -16,8 +16,8 @@ import pytest
 import requests
 from PIL import Image
 
-from detkit.predict import request_body
-from detkit.tfserving import BatchingParameters, BatchScheduler, RequestError
+from detkit.serve.predict import request_body
+from detkit.serve.tfserving import BatchingParameters, BatchScheduler, RequestError
 from tests.images import png_declaring
 
 pytestmark = pytest.mark.slow

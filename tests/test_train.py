@@ -9,10 +9,11 @@ import keras
 import pytest
 from mlflow.tracking import MlflowClient
 
-from detkit import checkpoints as CK
-from detkit import model as M
-from detkit import tracking
 from detkit.config import load_config
+from detkit.models import family as F
+from detkit.train import checkpoints as CK
+from detkit.train import tracking
+from detkit.train.optimizer import make_optimizer, make_schedule
 from stages import train
 
 STEPS = 4
@@ -72,7 +73,7 @@ def test_short_run_writes_log_checkpoints_model_and_mlflow_run(paths, monkeypatc
     for name in ("model.weights.h5", "state.json", "train_log.csv"):
         assert (ckpt / "ckpt-0000004" / name).is_file()
 
-    detector, info = M.load_trained(ckpt / "final")
+    _, detector, info = F.load_trained(ckpt / "final")
     assert info["num_classes"] == 37 and info["image_size"] == 64 and info["step"] == STEPS
     assert info["label_offset"] == 1 and (ckpt / "final" / "label_map.pbtxt").is_file()
     assert detector.num_classes == 37
@@ -84,7 +85,7 @@ def test_short_run_writes_log_checkpoints_model_and_mlflow_run(paths, monkeypatc
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == str(STEPS)
     assert run.data.params["model.name"] == "retinanet_tiny"
-    assert run.data.params["model.backbone.stackwise_num_filters.1"] == "128"
+    assert run.data.params["model.architecture.backbone.stackwise_num_filters.1"] == "128"
     assert run.data.tags["dvc_exp_name"] == "exp-under-test"
     assert len(run.data.tags["git_revision"]) in (40, 7) or run.data.tags["git_revision"] == "unknown"
     history = client.get_metric_history(run.info.run_id, "loss")
@@ -113,15 +114,15 @@ def test_crashed_run_resumes_from_its_last_checkpoint(paths):
     assert summary["start_step"] == 2 and summary["resumed"] and summary["steps"] == STEPS
     assert [int(r["step"]) for r in _log(paths["outputs"]["log"])] == [1, 2, 3, 4]
     assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == STEPS
-    _, info = M.load_trained(ckpt / "final")
+    _, _, info = F.load_trained(ckpt / "final")
     assert info["step"] == STEPS
     # The same MLflow run, each step logged once (step 3 of the crashed attempt was never sent).
     assert summary["mlflow_run_id"] == first_run
     assert client.get_run(first_run).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(first_run, "loss")) == [1, 2, 3, 4]
     # The optimizer resumed too: its step counter continues from the checkpoint.
-    restored = M.build_detector(cfg.model, 37)
-    restored.compile(optimizer=train.make_optimizer(cfg.train, train.make_schedule(cfg.train)))
+    restored = F.build(cfg.model, 37, None).model
+    restored.compile(optimizer=make_optimizer(cfg.train, make_schedule(cfg.train)))
     CK.restore(ckpt / "ckpt-0000004", restored, STEPS)
     assert int(restored.optimizer.iterations.numpy()) == STEPS
     assert any(v.path.endswith("_momentum") and float(abs(v.numpy()).max()) > 0 for v in restored.optimizer.variables)
@@ -158,7 +159,7 @@ def test_flatten_names_every_leaf():
     ("train.optimizer=adamm", "did you mean 'adam'"),
     ("train.class_loss_weight=0", "train.class_loss_weight"),
     ("train.augment.crop_min_scale=0", "crop_min_scale"),
-    ("model.pretrained=kaggle://x/y", "builder 'retinanet' trains from scratch"),
+    ("model.pretrained=kaggle://x/y", "'architecture' builds a model from scratch"),
     ("model.image_size=100", "multiple of 16"),
 ])
 def test_bad_train_and_model_values_are_refused(override, message):
@@ -198,10 +199,10 @@ def test_validation_during_training_logs_ap50_and_keep_best_keeps_its_weights(pa
     ckpt = paths["outputs"]["checkpoints"]
     assert json.loads((ckpt / "best.json").read_text())["step"] == best_step
 
-    final, info = M.load_trained(ckpt / "final")
+    _, final, info = F.load_trained(ckpt / "final")
     assert info["step"] == best_step and info["keep"] == "best"
-    reference = M.build_detector(cfg.model, 37)
-    reference.compile(optimizer=train.make_optimizer(cfg.train, train.make_schedule(cfg.train)))
+    reference = F.build(cfg.model, 37, None).model
+    reference.compile(optimizer=make_optimizer(cfg.train, make_schedule(cfg.train)))
     for step, same in ((best_step, True), (60, False)):
         CK.restore(ckpt / f"ckpt-{step:07d}", reference, step)
         equal = all((a == b).all() for a, b in zip(final.get_weights(), reference.get_weights()))

@@ -1,6 +1,6 @@
-"""detkit.training_contract: the train stage inside a SageMaker Training job, run here under a
+"""detkit.cloud.training_contract: the train stage inside a SageMaker Training job, run here under a
 simulated job: the /opt/ml tree and SM_* variables as SageMaker's TensorFlow toolkit provides them,
-with the hyperparameters of the very request detkit.sagemaker_training sends. The job's root
+with the hyperparameters of the very request detkit.cloud.training_job sends. The job's root
 folder moves into tmp through the toolkit's own SAGEMAKER_BASE_DIR."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from detkit import checkpoints as CK
-from detkit import training_contract as T
+from detkit.cloud import training_contract as T
+from detkit.cloud.training_job import job_request
 from detkit.config import load_config
-from detkit.sagemaker_training import job_request
+from detkit.train import checkpoints as CK
 from tests.repo_copy import REPO_ROOT, activated_env
 
 QUICK = ["dataset=sample", "model=retinanet_tiny", "train.steps=6", "train.batch_size=4", "train.checkpoint_every=3",

@@ -1,4 +1,4 @@
-"""detkit.transform (make batch on S3 prefixes) against moto's server on 127.0.0.1: the Batch
+"""detkit.cloud.transform (make batch on S3 prefixes) against moto's server on 127.0.0.1: the Batch
 Transform request as configured, on the deployed model. moto completes every transform job at
 creation, so a failed job comes through the module's seam (``TransformWatcher``)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from detkit import deploy, transform
+from detkit.cloud import deploy, transform
 from detkit.config import load_config
 from tests.repo_copy import make
 from tests.test_deploy import BUCKET, MotoEndpointSwitch, RecordingDocker, aws, moto_url, packaged, settings_for

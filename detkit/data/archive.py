@@ -5,7 +5,7 @@ Shared by the stages that bring data from outside (``download``, ``pretrained``)
 - ``fetch`` downloads one file from a list of mirrors into a cache, resuming an
   interrupted download with an HTTP Range request, and verifies its size and sha256.
 - ``safe_extract`` unpacks a tar archive, refusing members that would land outside the
-  destination. Extract into ``detkit.fsio.atomic_dir`` so that a refused or broken
+  destination. Extract into ``detkit.core.fsio.atomic_dir`` so that a refused or broken
   archive leaves no partial output.
 """
 
@@ -278,7 +278,7 @@ def safe_extract(archive: Path, dest_dir: Path) -> list[str]:
     device files. The 'data' filter then guards extraction itself against what a
     name-only check cannot see, such as a path through a symlink made earlier in the
     archive. After a refusal ``dest_dir`` may hold part of the archive: extract into a
-    ``detkit.fsio.atomic_dir`` so that it is thrown away.
+    ``detkit.core.fsio.atomic_dir`` so that it is thrown away.
     """
     root = os.path.realpath(dest_dir)
     try:

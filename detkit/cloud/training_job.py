@@ -4,12 +4,12 @@
 
 1. Uploads the inputs as the job's channels, content-addressed:
    ``s3://<bucket>/<prefix>/inputs/<channel>/<sha256>/`` for ``records`` (and ``pretrained`` with
-   ``model.builder: preset``), the sha256 over the folder's file names and bytes; and the code the job
+   a pretrained ``model.pretrained``), the sha256 over the folder's file names and bytes; and the code the job
    runs, ``s3://<bucket>/<prefix>/code/<sha256>/sourcedir.tar.gz`` (``detkit/``, ``stages/``,
    ``conf/``, ``params.yaml``, the entry point and a ``requirements.txt`` of what the image lacks).
    What is already there (a folder's ``<sha256>.json`` marker is written after its last file) is
    not uploaded again.
-2. Names the job after the training fingerprint (``detkit.checkpoints.fingerprint``):
+2. Names the job after the training fingerprint (``detkit.train.checkpoints.fingerprint``):
    ``<base_job_name>-<fingerprint[:12]>-<attempt>`` (``job_name``). All attempts of one fingerprint
    share ``s3://<bucket>/<prefix>/checkpoints/<fingerprint>/``, which SageMaker restores into the
    job's checkpoint folder when it (re)starts and syncs back while it runs: a spot interruption or
@@ -22,7 +22,7 @@
    from the stage's lines. Then, until it ends, prints its status changes and what the train stage
    in it prints (``train: ...`` lines, read from its CloudWatch Logs; of the progress bar, its
    newest state). Ctrl-C asks SageMaker to stop it.
-4. On Completed, downloads ``model.tar.gz`` (written by ``detkit.training_contract`` in the job),
+4. On Completed, downloads ``model.tar.gz`` (written by ``detkit.cloud.training_contract`` in the job),
    extracts it next to ``outputs["checkpoints"]`` and swaps it in whole: ``models/checkpoints/``
    is then exactly what a local run leaves (``final/``, ``checkpoint.json``, the newest
    ``ckpt-*``, ``best*`` with ``train.keep: best``, ``mlflow_run.json``), and the logs go to
@@ -53,29 +53,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from detkit import aws
-from detkit import checkpoints as CK
+from detkit.cloud import aws
+from detkit.cloud.training_contract import CHECKPOINTS, ENTRY_POINT, SAGEMAKER_BASE, hyperparameters
 from detkit.config import ConfigError, workspace_root
-from detkit.fsio import atomic_dir, atomic_write_bytes
-from detkit.training_contract import CHECKPOINTS, ENTRY_POINT, SAGEMAKER_BASE, hyperparameters
+from detkit.core.fsio import atomic_dir, atomic_write_bytes
+from detkit.train import checkpoints as CK
+from detkit.train import progress
 
 RUN_ID_ENV = "DETKIT_MLFLOW_RUN_ID"
 ENDED = ("Completed", "Failed", "Stopped")
 HEARTBEAT_SECONDS = 600  # a "still running" line this often when nothing else is printed
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"  # SageMaker's: one stream per instance and start, <job>/algo-<n>-<epoch>
 CHIEF_HOST = "algo-1"  # the first instance: the chief, the one that draws the bar and evaluates
-# The train stage's tqdm bar (desc "train", unit "step", postfix loss and lr; stages/train.py), e.g.
-# "train:  50%|#####     | 500/1000 [04:10<04:10,  2.00step/s, loss=0.734, lr=1.00e-03]".
-BAR_START = re.compile(r"train: +\d+%\|")  # enough to tell a state, whole or cut where a long log line was split
-BAR_HEAD = BAR_START.pattern + r"[^|]*\| *"
-BAR = re.compile(BAR_HEAD + r"(?P<step>\d+)/(?P<steps>\d+) \[(?P<elapsed>[^<\]]*)<(?P<left>[^,\]]*)(?P<rest>[^\]]*)\]")
-LOSS = re.compile(r", loss=([0-9.]+)")
-# What SageMaker charts from the job's log lines (one capture group each): the stage's evaluation
-# line, "train: step 500: val AP 0.412  AP50 0.733", and its bar's loss.
+# What SageMaker charts from the job's log lines (one capture group each), derived from the formats
+# the train loop prints (detkit.train.progress): its evaluation line and its step line's loss.
 METRIC_DEFINITIONS = [
-    {"Name": "val:AP", "Regex": r"train: step \d+: val AP ([0-9.]+)"},
-    {"Name": "val:AP50", "Regex": r"train: step \d+: val AP [0-9.]+  AP50 ([0-9.]+)"},
-    {"Name": "train:loss", "Regex": BAR_HEAD + r"\d+/\d+ \[[^\]]*" + LOSS.pattern},
+    {"Name": "val:AP", "Regex": progress.pattern(progress.VALIDATION, capture="AP")},
+    {"Name": "val:AP50", "Regex": progress.pattern(progress.VALIDATION, capture="AP50")},
+    {"Name": "train:loss", "Regex": progress.pattern(progress.STEP, capture="loss")},
 ]
 # AWS Deep Learning Containers, TensorFlow 2.21.0 training for SageMaker (the pin in requirements.txt):
 # tags and registry accounts as aws/deep-learning-containers documents them.
@@ -89,21 +84,7 @@ JOB_PACKAGES = ("tensorflow", "keras", "keras-hub", "tensorflow-text", "kagglehu
                 "hydra-core", "omegaconf", "antlr4-python3-runtime", "faster-coco-eval", "pycocotools",
                 "google-crc32c", "tqdm")
 CODE = (("detkit", "*.py"), ("stages", "*.py"), ("conf", "*.yaml"))
-ENTRY_SOURCE = f'''"""SageMaker's TensorFlow image runs this ({ENTRY_POINT}, hyperparameter sagemaker_program):
-the train stage under the job's contract (detkit/training_contract.py)."""
-
-import os
-import sys
-from pathlib import Path
-
-# This folder holds params.yaml and conf/, as the repository root does.
-os.environ["DVC_ROOT"] = str(Path(__file__).resolve().parent)
-
-from stages.train import main  # noqa: E402
-
-# The toolkit's command-line copy of the hyperparameters is not read: the contract reads the file.
-sys.exit(main([]))
-'''
+ENTRY_SOURCE = Path("stages") / "sagemaker_entry.py"  # packed at the top of the code folder as ENTRY_POINT
 
 
 class TrainingJobError(RuntimeError):
@@ -213,7 +194,7 @@ def source_archive(root: Path) -> bytes:
                for folder, pattern in CODE for path in sorted((root / folder).rglob(pattern))
                if "__pycache__" not in path.parts}
     members["params.yaml"] = (root / "params.yaml").read_bytes()
-    members[ENTRY_POINT] = ENTRY_SOURCE.encode()
+    members[ENTRY_POINT] = (root / ENTRY_SOURCE).read_bytes()
     members["requirements.txt"] = job_requirements(root).encode()
     buffer = io.BytesIO()
     # mtime=0 in the gzip header and every tar header: the archive depends on content only.
@@ -339,14 +320,13 @@ class JobWatcher:
 
 class StatusPrinter:
     """While the job runs: the train stage's own lines from its logs (those starting ``train:``; of its
-    progress bar, the newest state of each poll, condensed), one line per status change (SageMaker's
-    secondary status and its message), and a heartbeat when nothing else is printed."""
+    step lines, the newest of each poll), one line per status change (SageMaker's secondary status
+    and its message), and a heartbeat when nothing else is printed."""
 
     def __init__(self, name: str, max_run_minutes: int):
         self.name, self.max_run_minutes = name, max_run_minutes
         self.last: tuple[str, str] | None = None
         self.printed = 0.0
-        self.step: str | None = None  # of the bar state printed last
 
     def __call__(self, description: dict[str, Any], log_lines: list[str]) -> None:
         lines = self.stage_lines(log_lines)
@@ -367,21 +347,11 @@ class StatusPrinter:
                   f"(training stops at {self.max_run_minutes} min)", flush=True)
 
     def stage_lines(self, events: list[str]) -> list[str]:
-        """The ``train:`` lines of ``events``. A bar redraws itself after a carriage return, so an
-        event holds many of its states: only the newest whole one is kept, where it was, as a step line."""
-        lines = [part.strip() for event in events for part in re.split(r"[\r\n]", event)]
+        """The ``train:`` lines of ``events``, of their step lines (``progress.STEP``) only the newest."""
+        lines = [part.strip() for event in events for part in event.splitlines()]
         lines = [line for line in lines if line.startswith("train:")]
-        newest_bar = max((i for i, line in enumerate(lines) if BAR.match(line)), default=None)
-        shown = []
-        for i, line in enumerate(lines):
-            if not BAR_START.match(line):
-                shown.append(line)
-            elif i == newest_bar and (bar := BAR.match(line))["step"] != self.step:
-                self.step = bar["step"]
-                loss = LOSS.search(bar["rest"])
-                shown.append(f"train: step {bar['step']}/{bar['steps']}" + (f", loss {loss[1]}" if loss else "")
-                             + (f" ({bar['elapsed']} elapsed, {bar['left']} left)" if bar["left"] != "?" else ""))
-        return shown
+        steps = [i for i, line in enumerate(lines) if (progress.parse(line) or {}).get("steps")]
+        return [line for i, line in enumerate(lines) if i not in steps[:-1]]
 
 
 def _wait(watcher: JobWatcher, name: str, c) -> dict[str, Any]:
@@ -414,7 +384,7 @@ def land(s3, description: dict[str, Any], staging: Path, outputs: dict[str, Path
     for name, output in ((CK.TRAIN_LOG, "log"), (CK.VAL_LOG, "val_log")):
         log = staging / name
         if not log.is_file():
-            raise TrainingJobError(f"{uri}: no {name}: not an archive that detkit.training_contract published")
+            raise TrainingJobError(f"{uri}: no {name}: not an archive that detkit.cloud.training_contract published")
         atomic_write_bytes(Path(outputs[output]), log.read_bytes())
         log.unlink()
     if CK.latest(staging) is None or not (staging / CK.FINAL).is_dir():
@@ -436,11 +406,11 @@ def _check_settings(s3, c) -> None:
 def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *,
         watcher: type[JobWatcher] = JobWatcher) -> dict[str, Any]:
     """Train as a SageMaker job and land its model as a local run would leave it (see the module doc)."""
-    from detkit.tracking import Tracker
+    from detkit.train.tracking import Tracker
 
     c = cfg.compute
     records = Path(inputs["records"])
-    pretrained = Path(inputs["pretrained"]) if cfg.model.builder == "preset" else None
+    pretrained = Path(inputs["pretrained"]) if cfg.model.pretrained != "none" else None
     s3, sagemaker, logs = aws.clients(c.region, "s3", "sagemaker", "logs")
     _check_settings(s3, c)
     fp = CK.fingerprint(cfg, records, pretrained)

@@ -10,7 +10,7 @@ Layout of ``models/checkpoints/`` (the same after a local run and after a SageMa
   atomically after the folder it names is complete: what a re-run resumes from.
 - ``best/`` + ``best.json`` (``train.eval_every`` > 0): the weights of the best val AP50 so far
   and ``{"step", "AP50", "AP", "fingerprint"}``; a resumed run keeps competing against them.
-- ``final/``: the trained model (``detkit.model.save_trained``), ``mlflow_run.json``: the MLflow run.
+- ``final/``: the trained model (``detkit.models.retinanet.save_trained``), ``mlflow_run.json``: the MLflow run.
 
 A checkpoint belongs to one fingerprint: model + train params (except those that only change
 how often the run saves, logs or evaluates), the train shards' bytes and the pretrained preset.
@@ -30,7 +30,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from detkit.fsio import atomic_dir, atomic_write_json
+from detkit.core.fsio import atomic_dir, atomic_write_json
 
 LOG_FIELDS = ("step", "loss", "box_loss", "class_loss", "learning_rate")
 VAL_FIELDS = ("step", "AP", "AP50", "AP75")
@@ -64,7 +64,7 @@ def fingerprint(cfg, records: Path, pretrained: Path | None) -> str:
     h = hashlib.sha256(json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "train": train},
                                   sort_keys=True).encode())
     _hash_files(sorted(records.glob("train-*.tfrecord")) + [records / "label_map.pbtxt"], h)
-    if cfg.model.builder == "preset" and pretrained is not None and pretrained.is_dir():
+    if cfg.model.pretrained != "none" and pretrained is not None and pretrained.is_dir():
         _hash_files(sorted(p for p in pretrained.rglob("*") if p.is_file()), h)
     return h.hexdigest()[:16]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from detkit.fsio import atomic_write_bytes
+from detkit.core.fsio import atomic_write_bytes
 
 _ITEM = re.compile(r"item\s*\{(?P<body>[^}]*)\}", re.S)
 _FIELD = re.compile(r"""(?P<key>\w+)\s*:\s*(?:'(?P<sq>[^']*)'|"(?P<dq>[^"]*)"|(?P<bare>[^\s}]+))""")

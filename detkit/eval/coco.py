@@ -105,9 +105,9 @@ def evaluate(results: list[ImageResult], label_map: dict[int, str], backend: str
 
 def predict_split(detect, input_size: int, records: Path, batch_size: int,
                   with_encoded: bool = True) -> tuple[list[ImageResult], dict[int, bytes]]:
-    """Detections of ``detect`` (``detkit.model.detection_function``) for every val image, and with
+    """Detections of ``detect`` (``detkit.models.retinanet.detection_function``) for every val image, and with
     ``with_encoded`` the encoded images (by image id) for drawing."""
-    from detkit import data  # TensorFlow: only where a model runs
+    from detkit.data import pipeline as data  # TensorFlow: only where a model runs
 
     results, encoded = [], {}
     for batch in data.eval_dataset(records, input_size, batch_size, with_encoded=with_encoded):

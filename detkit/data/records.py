@@ -57,7 +57,7 @@ def example_class():
 
 
 def encode_example(record: dict[str, Any]) -> bytes:
-    """Serialise one image's record (see ``stages.tfrecord.load_example``) deterministically."""
+    """Serialise one image's record (see ``detkit.data.examples.load_example``) deterministically."""
     example = example_class()()
     feature = example.features.feature
 

@@ -16,9 +16,9 @@ Images that already have their JSON (and PNG, with ``--draw``) are skipped, so a
 Bad files never stop the run. A reader thread reads and checks the next batch while the current
 one runs, and a writer thread writes the outputs.
 
-With an ``s3://`` INPUT and OUTPUT the images go to SageMaker Batch Transform instead (``detkit.transform``).
+With an ``s3://`` INPUT and OUTPUT the images go to SageMaker Batch Transform instead (``detkit.cloud.transform``).
 
-    python -m detkit.batch INPUT OUTPUT [--export models/export/pet_object_detection] [--batch-size 16]
+    python -m detkit.serve.batch INPUT OUTPUT [--export models/export/pet_object_detection] [--batch-size 16]
         [--draw] [--min-score 0.3] [--top 5] [--set deploy.region=eu-west-1 ...]
 """
 
@@ -42,11 +42,12 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from detkit import coco, tflog
 from detkit.config import ConfigError, load_config
-from detkit.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, atomic_write_json, newest_version
-from detkit.labelmap import LabelMapError, read_label_map
-from detkit.predict import DEFAULT_MIN_SCORE, DEFAULT_TOP, draw_detections
+from detkit.core import tflog
+from detkit.core.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, atomic_write_json, newest_version
+from detkit.data.labelmap import LabelMapError, read_label_map
+from detkit.eval import coco
+from detkit.serve.predict import DEFAULT_MIN_SCORE, DEFAULT_TOP, draw_detections
 
 # Images per signature call. On 2 CPU cores (benchmarks/batch_inference.py) the demo model runs
 # 1.5-1.6x faster at 16 than one image per call and gains under 0.1x more at 32; a batch of 16 of the
@@ -193,7 +194,7 @@ def detect(signature, pictures: list[Picture]) -> tuple[list[tuple[Picture, dict
     at a time, so only its undecodable images are lost."""
     import tensorflow as tf
 
-    from detkit.tfserving import error_reason  # the reason TF Serving's 400 would give
+    from detkit.serve.tfserving import error_reason  # the reason TF Serving's 400 would give
 
     try:
         outputs = {k: v.numpy() for k, v in signature(inputs=tf.constant([p.data for p in pictures])).items()}
@@ -409,7 +410,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detkit.batch", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m detkit.serve.batch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="folder of images (searched recursively), or s3://bucket/prefix")
     parser.add_argument("output", help="folder for the outputs (made if missing), or s3://bucket/prefix")
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: INPUT {args.input} and OUTPUT {args.output}: both must be s3:// (SageMaker Batch "
                   "Transform) or both local folders", file=sys.stderr)
             return 2
-        from detkit import transform  # SageMaker and boto3: only for S3 runs
+        from detkit.cloud import transform  # SageMaker and boto3: only for S3 runs
 
         return transform.main(args.input, args.output, args.set)
 

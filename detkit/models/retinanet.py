@@ -1,16 +1,15 @@
-"""The detector: build it from ``conf/model/<name>.yaml``, load it, and turn its raw outputs
-into TF OD API detections.
+"""RetinaNet (KerasHub's ``RetinaNetObjectDetector``): the ``retinanet`` family (docs/models.md).
 
-Builders (``model.builder``)
-----------------------------
-``retinanet``
-    A KerasHub RetinaNet built from the architecture keys of the model file (ResNet
-    backbone, FPN levels, anchors, head), randomly initialised (``pretrained: none``).
-``preset``
-    A KerasHub RetinaNet preset folder written by the ``pretrained`` stage into
-    ``models/pretrained/`` (e.g. ``retinanet_resnet50_fpn_coco``). Backbone, FPN, anchors,
-    box head and the class head's conv layers keep their pretrained weights; the class
-    head's last layer is new, sized for this dataset's classes.
+Building (``build``)
+--------------------
+``pretrained: none``
+    Built from the model file's ``architecture`` (ResNet backbone, FPN levels, anchors, heads),
+    randomly initialised (``conf/model/retinanet_tiny.yaml``).
+a preset (``architecture: null``)
+    The KerasHub RetinaNet preset folder the ``pretrained`` stage wrote into ``models/pretrained/``
+    (e.g. ``retinanet_resnet50_fpn_coco``). Backbone, FPN, anchors, box head and the class head's
+    conv layers keep their pretrained weights; the class head's last layer is new, sized for this
+    dataset's classes (unless the preset already has that many).
 
 Either way the model is a stock ``keras_hub.models.RetinaNetObjectDetector`` with
 ``bounding_box_format="yxyx"`` (absolute pixels of the model input), so a trained model
@@ -19,42 +18,23 @@ here: its RetinaNet puts the focal-loss prior bias on the *box* head instead of 
 head (``set_prior_bias`` fixes a freshly built model), and its ``RetinaNetLabelEncoder``
 does not serialise the matcher settings (they are rebuilt from the model file for training).
 
-Inputs
-------
-Images are stretched (aspect ratio not kept, no padding) to ``image_size`` x
-``image_size``: normalised box coordinates are the same in the original and the model
-image, so detections map back to the original image without bookkeeping. The resize is
-``detkit.data.resize_image``, used by training, eval and export alike; pixel values stay in
-[0, 255] and the model's image converter (``preprocess``) applies its scale/offset.
-
-Labels
-------
-KerasHub classes are 0-based; label-map ids (TF OD API, ``label_map.pbtxt``) are 1-based:
-class ``k`` of the model is id ``k + LABEL_OFFSET``. Training targets subtract the offset
-(``detkit.data``), ``DetectionDecoder`` adds it back.
+Training targets are the normalised boxes in pixels of the model input, padding rows -1
+(KerasHub's ignored marker); the model's image converter applies ``scale``/``offset`` to the
+[0, 255] pixels, in ``fit`` (KerasHub maps its preprocessor over the data) and in ``detect``.
 
 Detections (``detect``)
 -----------------------
 ``DetectionDecoder`` decodes the anchor deltas, applies the sigmoid, keeps the
 ``pre_nms_top_k`` best anchors and runs per-class NMS (``tf.image.combined_non_max_suppression``),
-for any batch size. Output, as the TF OD API exporter: ``detection_boxes`` float32
-``[B, max_detections, 4]`` normalised ``[ymin, xmin, ymax, xmax]`` clipped to [0, 1];
-``detection_classes`` float32 1-based ids; ``detection_scores`` float32 sorted descending;
-``num_detections`` float32 ``[B]``. Entries past ``num_detections`` are zero.
+for any batch size.
 
-Trained model (``save_trained`` / ``load_trained``)
----------------------------------------------------
-A KerasHub preset folder (``config.json``, ``task.json``, ``preprocessor.json``,
-``*.weights.h5``, ``metadata.json``) plus ``detkit.json`` (model name, ``image_size``,
-``num_classes``, ``label_offset``, ``detection`` settings, training step) and a copy of
-``label_map.pbtxt``.
+Trained model (``save`` / ``load``): a KerasHub preset folder (``config.json``, ``task.json``,
+``preprocessor.json``, ``*.weights.h5``, ``metadata.json``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,52 +44,9 @@ import numpy as np
 import tensorflow as tf
 from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabelEncoder
 
-from detkit.labelmap import LabelMapError, read_label_map
+from detkit.models.family import LABEL_OFFSET, Built, Family, ModelError, find_preset
 
-LABEL_OFFSET = 1
 BOX_FORMAT = "yxyx"  # absolute pixels of the model input, as KerasHub's "yxyx"
-INFO_FILE = "detkit.json"
-LABEL_MAP_FILE = "label_map.pbtxt"
-
-
-class ModelError(ValueError):
-    """The model cannot be built or loaded: names the file or key to fix."""
-
-
-# ---------------------------------------------------------------------------- label map
-
-
-def load_label_map(records: Path) -> dict[int, str]:
-    """The label map next to the records (``<records>/label_map.pbtxt``), ids 1..N without gaps."""
-    path = Path(records) / LABEL_MAP_FILE
-    try:
-        label_map = read_label_map(path)
-    except LabelMapError as exc:
-        raise ModelError(str(exc)) from exc
-    if sorted(label_map) != list(range(1, len(label_map) + 1)):
-        raise ModelError(f"{path}: ids must be 1..{len(label_map)} without gaps, got {sorted(label_map)}")
-    return label_map
-
-
-def num_classes(records: Path) -> int:
-    return len(load_label_map(records))
-
-
-# ---------------------------------------------------------------------------- building
-
-
-def find_preset(folder: Path) -> Path:
-    """The KerasHub preset folder in ``folder`` (itself, or its only child holding config.json)."""
-    folder = Path(folder)
-    if (folder / "config.json").is_file():
-        return folder
-    children = sorted(p.parent for p in folder.glob("*/config.json")) if folder.is_dir() else []
-    if len(children) == 1:
-        return children[0]
-    raise ModelError(
-        f"{folder}: no KerasHub preset found (a folder with config.json, task.json and weights); "
-        "run the 'pretrained' stage for a model with builder 'preset'"
-    )
 
 
 def make_label_encoder(anchor_generator, matching) -> Any:
@@ -175,23 +112,8 @@ def set_prior_bias(detector, prior_probability: float, reset_box_bias: bool = Tr
         box.bias.assign(np.zeros(box.bias.shape, "float32"))
 
 
-def build_detector(model_cfg, num_classes: int, pretrained: Path | None = None):
-    """A fresh detector for ``num_classes`` classes, as ``model_cfg.builder`` says (see module doc)."""
-    if model_cfg.builder == "retinanet":
-        detector = _build_retinanet(model_cfg, num_classes)
-    elif model_cfg.builder == "preset":
-        if pretrained is None:
-            raise ModelError(f"model '{model_cfg.name}': builder 'preset' needs the pretrained folder")
-        detector = _build_from_preset(model_cfg, num_classes, find_preset(pretrained))
-    else:
-        raise ModelError(f"model '{model_cfg.name}': unknown builder '{model_cfg.builder}'")
-    if model_cfg.freeze_batch_norm:
-        freeze_batch_norms(detector.backbone.image_encoder)
-    return detector
-
-
 def _converter(scale, offset):
-    # image_size=None: resizing is detkit.data.resize_image's job (stretch, see module doc),
+    # image_size=None: resizing is detkit.data.pipeline.resize_image's job (stretch, see module doc),
     # the converter only scales.
     return keras_hub.layers.RetinaNetImageConverter(
         image_size=None, scale=[float(v) for v in scale], offset=[float(v) for v in offset]
@@ -199,8 +121,8 @@ def _converter(scale, offset):
 
 
 def _build_retinanet(m, num_classes: int):
-    size = int(m.image_size)
-    b = m.backbone
+    size, a = int(m.image_size), m.architecture
+    b = a.backbone
     image_encoder = keras_hub.models.ResNetBackbone(
         input_conv_filters=list(b.input_conv_filters),
         input_conv_kernel_sizes=list(b.input_conv_kernel_sizes),
@@ -213,35 +135,35 @@ def _build_retinanet(m, num_classes: int):
     )
     backbone = keras_hub.models.RetinaNetBackbone(
         image_encoder=image_encoder,
-        min_level=int(m.min_level),
-        max_level=int(m.max_level),
-        use_p5=bool(m.use_p5),
-        use_fpn_batch_norm=bool(m.use_fpn_batch_norm),
+        min_level=int(a.min_level),
+        max_level=int(a.max_level),
+        use_p5=bool(a.use_p5),
+        use_fpn_batch_norm=bool(a.use_fpn_batch_norm),
         image_shape=(size, size, 3),
     )
     anchor_generator = keras_hub.layers.AnchorGenerator(
         bounding_box_format=BOX_FORMAT,
-        min_level=int(m.min_level),
-        max_level=int(m.max_level),
-        num_scales=int(m.anchors.num_scales),
-        aspect_ratios=[float(a) for a in m.anchors.aspect_ratios],
-        anchor_size=float(m.anchors.anchor_size),
+        min_level=int(a.min_level),
+        max_level=int(a.max_level),
+        num_scales=int(a.anchors.num_scales),
+        aspect_ratios=[float(a) for a in a.anchors.aspect_ratios],
+        anchor_size=float(a.anchors.anchor_size),
     )
-    preprocessor = keras_hub.models.RetinaNetObjectDetectorPreprocessor(image_converter=_converter(m.scale, m.offset))
+    preprocessor = keras_hub.models.RetinaNetObjectDetectorPreprocessor(image_converter=_converter(a.scale, a.offset))
     detector = keras_hub.models.RetinaNetObjectDetector(
         backbone=backbone,
         num_classes=num_classes,
         bounding_box_format=BOX_FORMAT,
         anchor_generator=anchor_generator,
         label_encoder=make_label_encoder(anchor_generator, m.matching),
-        use_prediction_head_norm=bool(m.head.use_group_norm),
-        classification_head_prior_probability=float(m.head.prior_probability),
-        pre_logits_num_conv_layers=int(m.head.num_conv_layers),
+        use_prediction_head_norm=bool(a.head.use_group_norm),
+        classification_head_prior_probability=float(m.prior_probability),
+        pre_logits_num_conv_layers=int(a.head.num_conv_layers),
         preprocessor=preprocessor,
     )
     heads = (detector.box_head, detector.classification_head)
     init_head_kernels([layer for head in heads for layer in (*head.conv_layers, head.prediction_layer)])
-    set_prior_bias(detector, float(m.head.prior_probability))
+    set_prior_bias(detector, float(m.prior_probability))
     freeze_unused_fpn_norms(backbone)
     return detector
 
@@ -252,13 +174,11 @@ def _build_from_preset(m, num_classes: int, preset: Path):
     except Exception as exc:  # a broken or foreign preset: name the folder
         raise ModelError(f"{preset}: cannot load as a KerasHub RetinaNet preset: {exc}") from exc
     converter = getattr(base.preprocessor, "image_converter", None)
-    if converter is not None:
-        preprocessor = keras_hub.models.RetinaNetObjectDetectorPreprocessor(
-            image_converter=_converter(converter.scale if converter.scale is not None else [1.0],
-                                       converter.offset if converter.offset is not None else [0.0]))
-    else:
-        converter = _converter(m.scale, m.offset)
-        preprocessor = keras_hub.models.RetinaNetObjectDetectorPreprocessor(image_converter=converter)
+    if converter is None:
+        raise ModelError(f"{preset}: the preset has no image converter, so its input scaling is unknown")
+    preprocessor = keras_hub.models.RetinaNetObjectDetectorPreprocessor(
+        image_converter=_converter(converter.scale if converter.scale is not None else [1.0],
+                                   converter.offset if converter.offset is not None else [0.0]))
     backbone = base.backbone
     size = int(m.image_size)
     if tuple(backbone.image_shape) != (size, size, 3):
@@ -277,24 +197,29 @@ def _build_from_preset(m, num_classes: int, preset: Path):
         anchor_generator=base.anchor_generator,
         label_encoder=make_label_encoder(base.anchor_generator, m.matching),
         use_prediction_head_norm=base.use_prediction_head_norm,
-        classification_head_prior_probability=float(m.head.prior_probability),
+        classification_head_prior_probability=float(m.prior_probability),
         pre_logits_num_conv_layers=base.pre_logits_num_conv_layers,
         preprocessor=preprocessor,
         activation=base.activation,
     )
     # Everything but the class logits keeps the pretrained weights.
     detector.box_head.set_weights(base.box_head.get_weights())
+    kept = len(backbone.weights) + len(detector.box_head.weights)
     new_head, old_head = detector.classification_head, base.classification_head
     pairs = zip(new_head.conv_layers + new_head.group_norm_layers, old_head.conv_layers + old_head.group_norm_layers)
     for new, old in pairs:
         new.set_weights(old.get_weights())
+        kept += len(new.weights)
+    fresh = []
     if base.num_classes == num_classes:
         new_head.prediction_layer.set_weights(old_head.prediction_layer.get_weights())
+        kept += len(new_head.prediction_layer.weights)
     else:
         init_head_kernels([new_head.prediction_layer])
-        set_prior_bias(detector, float(m.head.prior_probability), reset_box_bias=False)
+        set_prior_bias(detector, float(m.prior_probability), reset_box_bias=False)
+        fresh = [w.path for w in new_head.prediction_layer.weights]
     freeze_unused_fpn_norms(backbone)
-    return detector
+    return detector, kept, fresh
 
 
 def input_size(detector) -> int:
@@ -309,7 +234,7 @@ def input_size(detector) -> int:
 
 
 def preprocess(detector, images):
-    """``images`` float32 [B, S, S, 3] in [0, 255] (``detkit.data.resize_image``) -> model input."""
+    """``images`` float32 [B, S, S, 3] in [0, 255] (``detkit.data.pipeline.resize_image``) -> model input."""
     images = tf.cast(images, "float32")
     converter = getattr(detector.preprocessor, "image_converter", None)
     return converter(images) if converter is not None else images
@@ -429,37 +354,44 @@ def detect(detector, images, decoder=None, anchors=None):
     return decoder(outputs["bbox_regression"], outputs["cls_logits"], anchors)
 
 
-def detection_function(detector, decoder=None):
-    """``detect`` compiled into one graph, for batches of resized images float32 [B, S, S, 3].
+class RetinaNet(Family):
+    name = "retinanet"
 
-    Graph execution frees each layer's activations once they are consumed; an eager call of
-    the Keras model keeps them all until it returns: for ResNet-50 at 800 px about 2 GB per
-    image, so eval's batch of 16 did not fit in 24 GB (in a graph: about 1.4 GB at batch 2).
-    """
-    size = input_size(detector)
-    decoder = decoder or make_decoder(detector)
-    anchors = anchors_for(detector, size)
-    return tf.function(lambda images: detect(detector, images, decoder, anchors),
-                       input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def build(self, m, num_classes: int, pretrained: Path | None) -> Built:
+        if pretrained is None:
+            if m.architecture is None:
+                raise ModelError(f"conf/model/{m.name}.yaml: 'pretrained: none' builds from 'architecture', "
+                                 "which is null; set the architecture keys or a preset in 'pretrained'")
+            detector, kept, new = _build_retinanet(m, num_classes), 0, []
+        else:
+            detector, kept, new = _build_from_preset(m, num_classes, find_preset(pretrained))
+        if m.freeze_batch_norm:
+            freeze_batch_norms(detector.backbone.image_encoder)
+        return Built(detector, kept=kept, total=len(detector.weights), new=new)
+
+    def training_targets(self, boxes, labels, size: int) -> dict[str, Any]:
+        # Pixels of the model input; padding rows stay -1, which the label encoder ignores.
+        pixels = tf.where(labels[:, None] >= 0, boxes * float(size), -1.0)
+        return {"boxes": pixels, "labels": labels}
+
+    def compile(self, model, optimizer, t, jit_compile) -> None:
+        model.compile(optimizer=optimizer, jit_compile=jit_compile,
+                      loss_weights={"bbox_regression": 1.0, "cls_logits": float(t.class_loss_weight)})
+
+    def loss_parts(self, logs: dict[str, float]) -> dict[str, float]:
+        nan = float("nan")
+        return {"loss": float(logs.get("loss", nan)), "box_loss": float(logs.get("bbox_regression_loss", nan)),
+                "class_loss": float(logs.get("cls_logits_loss", nan))}
+
+    def detect(self, model, images, detection: dict[str, Any], max_detections: int | None = None) -> dict[str, Any]:
+        overrides = {"max_detections": max_detections} if max_detections else {}
+        return detect(model, images, make_decoder(model, detection, **overrides))
+
+    def save(self, model, folder: Path) -> None:
+        model.save_to_preset(str(folder))
+
+    def load(self, folder: Path):
+        return keras_hub.models.RetinaNetObjectDetector.from_preset(str(folder))
 
 
-# ---------------------------------------------------------------------------- saving
-
-
-def save_trained(detector, folder: Path, info: dict[str, Any], label_map_path: Path | None = None) -> None:
-    """Write the trained model as a KerasHub preset + ``detkit.json`` (+ label map) into ``folder``."""
-    folder = Path(folder)
-    detector.save_to_preset(str(folder))
-    (folder / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    if label_map_path is not None:
-        shutil.copyfile(label_map_path, folder / LABEL_MAP_FILE)
-
-
-def load_trained(folder: Path) -> tuple[Any, dict[str, Any]]:
-    """``(detector, info)`` from a folder written by ``save_trained`` (``models/checkpoints/final``)."""
-    folder = Path(folder)
-    if not (folder / INFO_FILE).is_file():
-        raise ModelError(f"{folder}: not a trained model folder ({INFO_FILE} missing); run the train stage")
-    info = json.loads((folder / INFO_FILE).read_text())
-    detector = keras_hub.models.RetinaNetObjectDetector.from_preset(str(folder))
-    return detector, info
+FAMILY = RetinaNet()

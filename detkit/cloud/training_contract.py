@@ -2,13 +2,13 @@
 
 How AWS's TensorFlow training image starts the job (its ``sagemaker-training`` and
 ``sagemaker-tensorflow-training`` toolkits): it downloads ``sagemaker_submit_directory`` (the
-``sourcedir.tar.gz`` that ``detkit.sagemaker_training`` uploads) into ``/opt/ml/code``, runs
+``sourcedir.tar.gz`` that ``detkit.cloud.training_job`` uploads) into ``/opt/ml/code``, runs
 ``pip install -r requirements.txt`` there, and starts ``python <sagemaker_program> --<key> <value> ...``
 (every hyperparameter except the toolkit's own ``sagemaker_*``, joined into one ``/bin/sh`` command
 line unquoted) with ``/opt/ml/code`` as working directory and on ``PYTHONPATH``, and ``SM_*``
 variables describing the job. With ``sagemaker_multi_worker_mirrored_strategy_enabled`` it also
 sets ``TF_CONFIG``, listing every host as a worker (``<host>:8890``) and this host's index among
-them, which ``detkit.distribute`` turns into ``MultiWorkerMirroredStrategy``.
+them, which ``detkit.train.distribute`` turns into ``MultiWorkerMirroredStrategy``.
 
 The program (``ENTRY_POINT``) runs ``stages.train``'s ``main``, which calls ``from_environment()``;
 the command-line copy of the hyperparameters is ignored. What is read here:
@@ -16,7 +16,7 @@ the command-line copy of the hyperparameters is ignored. What is read here:
 - ``SM_MODEL_DIR`` (``/opt/ml/model``): uploaded as ``model.tar.gz`` when the job ends. Its
   presence is what "inside a job" means.
 - ``SM_CHANNEL_RECORDS``, ``SM_CHANNEL_PRETRAINED``: the channels' local copies (the second only
-  for ``model.builder: preset``).
+  when ``model.pretrained`` is not ``none``).
 - ``<base>/input/config/hyperparameters.json``, each value a JSON document (SageMaker passes
   strings; ``hyperparameters()`` encodes, as SageMaker's Python SDK does). ``<base>`` is
   ``$SAGEMAKER_BASE_DIR`` (the toolkit's own setting, which the tests use) or ``/opt/ml``.
@@ -38,14 +38,14 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from detkit import checkpoints as CK
 from detkit.config import GROUPS, repo_root
+from detkit.train import checkpoints as CK
 
 SAGEMAKER_BASE = "/opt/ml"
 BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
 CHECKPOINTS = "checkpoints"  # under the base: the local path of the job's CheckpointConfig
 ENTRY_POINT = "sagemaker_entry.py"  # sagemaker_program, at the top of sourcedir.tar.gz
-TRAIN_GROUPS = ("model", "train")  # the config the trained weights depend on (detkit.checkpoints)
+TRAIN_GROUPS = ("model", "train")  # the config the trained weights depend on (detkit.train.checkpoints)
 # The toolkit passes hyperparameters to the program through /bin/sh without quoting them.
 SHELL_SPECIAL = set("'\"`$\\;&|<>(){}*?\n")
 

@@ -1,9 +1,9 @@
 """SageMaker deployment from Make: the last mile that is often done by hand in the console.
 
-    python -m detkit.deploy deploy     # gate, image, model, endpoint config, alarms, endpoint, autoscaling
-    python -m detkit.deploy status     # the endpoint, its alarms and autoscaling, this project's models and configs
-    python -m detkit.deploy invoke IMAGE [--out ...]   # boto3 invoke_endpoint with the REST body
-    python -m detkit.deploy undeploy   # delete what this project made: autoscaling, endpoint, alarms, configs, models
+    python -m detkit.cloud.deploy deploy     # gate, image, model, endpoint config, alarms, endpoint, autoscaling
+    python -m detkit.cloud.deploy status     # the endpoint, its alarms and autoscaling, our models and configs
+    python -m detkit.cloud.deploy invoke IMAGE [--out ...]   # boto3 invoke_endpoint with the REST body
+    python -m detkit.cloud.deploy undeploy   # delete what we made: autoscaling, endpoint, alarms, configs, models
 
 Settings come from the ``deploy`` config group (``conf/deploy/sagemaker.yaml``) and the
 environment it names; credentials come from boto3's usual chain and are never printed or
@@ -16,7 +16,7 @@ sha256 and runs it on AWS's TensorFlow Serving inference image (no Docker).
 
 ``deploy`` refuses a model whose ``metrics/eval.json`` AP50 is below ``deploy.min_ap50`` or
 whose export check failed, and sizes TF Serving's batches to the instance's memory. An
-update of a live endpoint is SageMaker's blue/green deployment (``detkit.guardrails``): it
+update of a live endpoint is SageMaker's blue/green deployment (``detkit.cloud.guardrails``): it
 rolls back by itself when the endpoint's alarms fire or the new fleet fails; deploy reports
 which config the endpoint ended on. ``EndpointSwitch`` is the one seam around the calls that
 change a live endpoint (create, update, wait), so that logic is tested against moto, which
@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from detkit import autoscaling, aws, guardrails
-from detkit.cli import stage_parser
+from detkit.cloud import autoscaling, aws, guardrails
 from detkit.config import ConfigError, load_config, repo_root
-from detkit.fsio import EXPORT_CHECK
+from detkit.config.cli import stage_parser
+from detkit.core.fsio import EXPORT_CHECK
 
 VARIANT = "AllTraffic"
 MAX_BATCH_SIZE = 32  # TF Serving's batch cap in our entrypoint: more adds latency, not throughput, on CPUs
@@ -406,8 +406,8 @@ def undeploy(settings: Settings, clients: dict[str, Any]) -> None:
 
 
 def invoker(runtime, endpoint: str) -> Callable[[str], dict[str, Any]]:
-    """``send`` for ``detkit.predict.run_client``: ``invoke_endpoint`` with the body of docs/export.md."""
-    from detkit.predict import PredictError, parse_response
+    """``send`` for ``detkit.serve.predict.run_client``: ``invoke_endpoint`` with the body of docs/export.md."""
+    from detkit.serve.predict import PredictError, parse_response
 
     def send(body: str) -> dict[str, Any]:
         try:
@@ -440,9 +440,9 @@ def update_wait_minutes(cfg) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from detkit.predict import client_arguments, run_client
+    from detkit.serve.predict import client_arguments, run_client
 
-    parser = stage_parser("detkit.deploy", __doc__, overrides=False)
+    parser = stage_parser("detkit.cloud.deploy", __doc__, overrides=False)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. deploy.instance_type=ml.c5.large (repeatable)")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -1,4 +1,4 @@
-"""detkit.model: building, the prior-bias fix, preset head replacement, and TF OD API decoding."""
+"""detkit.models.retinanet: building, the prior-bias fix, preset head replacement, and TF OD API decoding."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import tensorflow as tf
 from omegaconf import OmegaConf
 
-from detkit import model as M
 from detkit.config import load_config
+from detkit.models import family as F
+from detkit.models import retinanet as M
 
 SIZE = 64  # small input: fast, still two FPN levels (8x8 and 4x4)
 
@@ -24,7 +25,7 @@ def tiny_cfg():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_cfg):
-    return M.build_detector(tiny_cfg, 37)
+    return M.FAMILY.build(tiny_cfg, 37, None).model
 
 
 def test_decoder_config_mirrors_its_arguments():
@@ -51,8 +52,16 @@ def test_tiny_model_is_the_recipe(tiny, tiny_cfg):
     assert anchors.shape == (3 * (8 * 8 + 4 * 4), 4)
 
 
+def test_training_targets_are_pixels_of_the_model_input_with_padding_kept():
+    boxes = tf.constant([[0.25, 0.5, 0.75, 1.0], [-1.0, -1.0, -1.0, -1.0]])
+    labels = tf.constant([4.0, -1.0])
+    targets = M.FAMILY.training_targets(boxes, labels, 64)
+    np.testing.assert_array_equal(targets["boxes"].numpy(), [[16.0, 32.0, 48.0, 64.0], [-1.0, -1.0, -1.0, -1.0]])
+    np.testing.assert_array_equal(targets["labels"].numpy(), [4.0, -1.0])
+
+
 def test_prior_bias_is_on_the_class_head_not_the_box_head(tiny, tiny_cfg):
-    prior = tiny_cfg.head.prior_probability
+    prior = tiny_cfg.prior_probability
     cls_bias = tiny.classification_head.prediction_layer.bias.numpy()
     box_bias = tiny.box_head.prediction_layer.bias.numpy()
     np.testing.assert_allclose(cls_bias, -math.log((1 - prior) / prior), rtol=1e-6)
@@ -117,15 +126,19 @@ def test_decoder_inverts_the_label_encoder(tiny):
 
 
 def test_preset_builder_replaces_only_the_class_logits(tiny_cfg, tmp_path):
-    coco_like = M.build_detector(tiny_cfg, 5)
+    coco_like = M.FAMILY.build(tiny_cfg, 5, None).model
     coco_like.classification_head.prediction_layer.bias.assign(np.full((15,), 0.5, np.float32))
     coco_like.save_to_preset(str(tmp_path / "preset"))
     # At another input size than the preset's: same weights, new static input size.
-    preset_cfg = OmegaConf.merge(tiny_cfg, {"builder": "preset", "pretrained": "local", "image_size": 96})
-    detector = M.build_detector(preset_cfg, 37, tmp_path)  # finds the preset one level down
+    preset_cfg = OmegaConf.merge(tiny_cfg, {"architecture": None, "pretrained": "local", "image_size": 96})
+    built = M.FAMILY.build(preset_cfg, 37, tmp_path)  # finds the preset one level down
+    detector = built.model
     assert M.input_size(detector) == 96 and M.anchors_for(detector, 96).shape == (3 * (12 * 12 + 6 * 6), 4)
     assert detector.num_classes == 37
     assert detector.classification_head.prediction_layer.bias.shape == (3 * 37,)
+    class_logits = detector.classification_head.prediction_layer
+    assert sorted(built.new) == sorted(w.path for w in class_logits.weights)
+    assert built.kept == len(detector.weights) - len(class_logits.weights) == built.total - 2
     np.testing.assert_allclose(detector.classification_head.prediction_layer.bias.numpy(),
                                -math.log(99), rtol=1e-6)
     for new, old in ((detector.backbone, coco_like.backbone), (detector.box_head, coco_like.box_head)):
@@ -134,17 +147,17 @@ def test_preset_builder_replaces_only_the_class_logits(tiny_cfg, tmp_path):
 
 
 def test_missing_preset_is_named(tiny_cfg, tmp_path):
-    preset_cfg = OmegaConf.merge(tiny_cfg, {"builder": "preset", "pretrained": "local"})
-    with pytest.raises(M.ModelError, match="no KerasHub preset found"):
-        M.build_detector(preset_cfg, 37, tmp_path)
+    preset_cfg = OmegaConf.merge(tiny_cfg, {"architecture": None, "pretrained": "local"})
+    with pytest.raises(F.ModelError, match="no KerasHub preset found"):
+        M.FAMILY.build(preset_cfg, 37, tmp_path)
 
 
 def test_trained_model_round_trips(tiny, tiny_cfg, tmp_path, sample_records):
     info = {"model": "retinanet_tiny", "image_size": SIZE, "num_classes": 37,
             "detection": dict(tiny_cfg.detection), "label_offset": 1}
-    M.save_trained(tiny, tmp_path / "final", info, sample_records / "label_map.pbtxt")
-    loaded, loaded_info = M.load_trained(tmp_path / "final")
-    assert loaded_info == info
+    F.save_trained(M.FAMILY, tiny, tmp_path / "final", info, sample_records / "label_map.pbtxt")
+    fam, loaded, loaded_info = F.load_trained(tmp_path / "final")
+    assert fam is M.FAMILY and loaded_info == {**info, "family": "retinanet"}
     assert (tmp_path / "final" / "label_map.pbtxt").read_text() == (sample_records / "label_map.pbtxt").read_text()
     images = tf.random.uniform((2, SIZE, SIZE, 3), 0, 255, seed=4)
     a, b = M.detect(tiny, images), M.detect(loaded, images)
@@ -154,14 +167,14 @@ def test_trained_model_round_trips(tiny, tiny_cfg, tmp_path, sample_records):
 
 def test_label_map_must_be_contiguous(tmp_path):
     (tmp_path / "label_map.pbtxt").write_text("item { id: 1 name: 'a' }\nitem { id: 3 name: 'b' }\n")
-    with pytest.raises(M.ModelError, match="without gaps"):
-        M.load_label_map(tmp_path)
+    with pytest.raises(F.ModelError, match="without gaps"):
+        F.load_label_map(tmp_path)
 
 
 def test_frozen_batch_norms_keep_their_statistics_in_training(tiny_cfg):
     images = tf.random.uniform([2, SIZE, SIZE, 3], 0, 255)
     for freeze in (False, True):
-        detector = M.build_detector(OmegaConf.merge(tiny_cfg, {"freeze_batch_norm": freeze}), 37)
+        detector = M.FAMILY.build(OmegaConf.merge(tiny_cfg, {"freeze_batch_norm": freeze}), 37, None).model
         encoder = detector.backbone.image_encoder
         norms = [layer for layer in encoder.layers if isinstance(layer, keras.layers.BatchNormalization)]
         assert norms and all(bool(layer.trainable_weights) != freeze for layer in norms)

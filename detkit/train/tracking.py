@@ -21,9 +21,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from detkit.checkpoints import read_json
 from detkit.config import repo_root
-from detkit.fsio import atomic_write_json
+from detkit.core.fsio import atomic_write_json
+from detkit.train.checkpoints import read_json
 
 BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics and 100 params
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from detkit import aws
+from detkit.cloud import aws
 
 TRAFFIC_TYPES = {"all_at_once": "ALL_AT_ONCE", "canary": "CANARY", "linear": "LINEAR"}
 

@@ -4,9 +4,9 @@ names and write a copy of the image with the boxes drawn.
 The request is TF Serving's REST predict body (docs/export.md): ``{"signature_name": "serving_default",
 "instances": [{"inputs": {"b64": ...}}]}``, posted as JSON to TF Serving's ``:predict`` or to
 the container's ``/invocations`` (``make predict``), or sent with boto3's
-``sagemaker-runtime invoke_endpoint`` (``make invoke``, ``detkit.deploy``).
+``sagemaker-runtime invoke_endpoint`` (``make invoke``, ``detkit.cloud.deploy``).
 
-    python -m detkit.predict IMAGE [--url http://127.0.0.1:8080/invocations] \
+    python -m detkit.serve.predict IMAGE [--url http://127.0.0.1:8080/invocations] \
         [--export models/export/pet_object_detection] [--out IMAGE_detections.png]
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from detkit.draw import PREDICTED, detection_labels, draw_boxes
-from detkit.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, newest_version
-from detkit.labelmap import LabelMapError, read_label_map
+from detkit.core.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, newest_version
+from detkit.data.labelmap import LabelMapError, read_label_map
+from detkit.eval.draw import PREDICTED, detection_labels, draw_boxes
 
 DEFAULT_URL = "http://127.0.0.1:8080/invocations"
 DEFAULT_TOP, DEFAULT_MIN_SCORE = 5, 0.3  # detections printed and drawn, and the lowest score among them
@@ -148,7 +148,7 @@ def run_client(args: argparse.Namespace, send: Callable[[str], dict[str, Any]]) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detkit.predict", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m detkit.serve.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     client_arguments(parser)
     parser.add_argument("--url", default=DEFAULT_URL, help=f"/invocations or :predict URL (default {DEFAULT_URL})")

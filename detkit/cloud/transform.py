@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from detkit import aws
-from detkit.deploy import VARIANT, DeployError, describe_endpoint, resource_name
+from detkit.cloud import aws
+from detkit.cloud.deploy import VARIANT, DeployError, describe_endpoint, resource_name
 
 
 class TransformWatcher:
@@ -103,7 +103,7 @@ def run(cfg, clients: dict[str, Any], input_uri: str, output_uri: str, watcher: 
 
 
 def main(input_uri: str, output_uri: str, overrides: list[str]) -> int:
-    """``detkit.batch``'s S3 branch: exit status."""
+    """``detkit.serve.batch``'s S3 branch: exit status."""
     import sys
 
     from detkit.config import ConfigError, load_config

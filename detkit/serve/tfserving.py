@@ -18,7 +18,7 @@ covered: gRPC, classify/regress, model config files; the thread-pool flags are a
 ignored. It runs on gunicorn (threads: requests are served concurrently; TensorFlow releases
 the GIL while it computes).
 
-    python -m detkit.tfserving --rest_api_port=8501 --model_name=pet_object_detection \
+    python -m detkit.serve.tfserving --rest_api_port=8501 --model_name=pet_object_detection \
         --model_base_path=models/export/pet_object_detection
 """
 
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from flask import Flask, Response, request
 
-from detkit.fsio import newest_version
+from detkit.core.fsio import newest_version
 
 log = logging.getLogger("tfserving")
 
@@ -463,7 +463,7 @@ def serve(model: ServedModel, host: str, port: int, threads: int, timeout_s: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detkit.tfserving", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m detkit.serve.tfserving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # tensorflow_model_server's flags, so the container's entrypoint can start either.
     parser.add_argument("--rest_api_port", type=int, default=8501)

@@ -1,20 +1,18 @@
-"""tf.data input pipelines from the TF OD API TFRecords (``detkit.records``, docs/tfrecords.md).
+"""tf.data input pipelines from the TF OD API TFRecords (``detkit.data.records``, docs/tfrecords.md).
 
 Resizing: every image is stretched to ``size`` x ``size`` (aspect ratio not kept, no
 padding; ``resize_image``). Normalised box coordinates are therefore unchanged by the
 resize, and detections in normalised coordinates are directly relative to the original
 image. Training, eval and export all resize with ``resize_image``.
 
-``train_dataset`` yields ``(images, {"boxes", "labels"})`` batches as KerasHub's
-RetinaNet ``fit()`` expects with ``bounding_box_format="yxyx"``:
+``train_dataset`` yields ``(images, targets)`` batches for ``fit``:
 
-- ``images`` float32 ``[B, size, size, 3]``, pixel values in [0, 255] (the model's image
-  converter scales them);
-- ``boxes`` float32 ``[B, max_boxes + 1, 4]`` ``[ymin, xmin, ymax, xmax]`` in pixels of the
-  resized image, padded with -1 (the first ``max_boxes`` boxes of an image are kept; there is
-  always at least one padding row, see ``train_dataset``);
-- ``labels`` float32 ``[B, max_boxes + 1]`` 0-based model classes (label-map id - 1), padded
-  with -1 (KerasHub's background/ignored marker: padded rows never become targets).
+- ``images`` float32 ``[B, size, size, 3]``, pixel values in [0, 255] (the model normalises them);
+- ``targets``: what the detector family's ``training_targets`` makes of each example's
+  ``boxes`` float32 ``[max_boxes + 1, 4]`` normalised ``[ymin, xmin, ymax, xmax]`` and
+  ``labels`` float32 ``[max_boxes + 1]`` 0-based model classes (label-map id - 1), both padded
+  with -1 rows (the first ``max_boxes`` boxes of an image are kept; there is always at least
+  one padding row: KerasHub's box matcher gathers out of range without one).
 
 Augmentations (``train.augment``, in this order): random crop that keeps every box whole
 (``crop_min_scale``: each side at least this share of the image; boxes renormalised to the
@@ -30,12 +28,13 @@ with ``with_encoded=True``, ``encoded`` (the record's image bytes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 
-from detkit.records import feature_spec
+from detkit.data.records import feature_spec
 
 AUTOTUNE = tf.data.AUTOTUNE
 ENCODED = {"image/encoded": tf.io.FixedLenFeature([], tf.string)}  # the image bytes only, undecoded
@@ -256,8 +255,12 @@ def encoded_images(records: Path, split: str, count: int) -> list[bytes]:
 
 def train_dataset(records: Path, size: int, batch_size: int, augment_cfg: Any = None, max_boxes: int = 16,
                   shuffle_buffer: int = 1024, seed: int = 0, repeat: bool = True,
-                  split: str = "train", deterministic: bool = True) -> tf.data.Dataset:
+                  split: str = "train", deterministic: bool = True,
+                  targets: Callable[[tf.Tensor, tf.Tensor, int], Any] | None = None) -> tf.data.Dataset:
     """Endless (``repeat``) shuffled, augmented, batched training data; see the module doc.
+
+    ``targets``: the family's ``training_targets`` (boxes, labels, size) -> ``fit``'s y; None
+    yields ``{"boxes", "labels"}`` as they are.
 
     ``deterministic``: the same ``seed`` gives the same batches (parallel work keeps its order);
     ``False`` lets tf.data hand out whichever example is ready first (a little faster).
@@ -276,10 +279,8 @@ def train_dataset(records: Path, size: int, batch_size: int, augment_cfg: Any = 
         image = resize_image(ex["image"], size)
         if augment_cfg is not None:
             image = _photometric(image, augment_cfg, ex["_photo_seeds"])
-        boxes = ex["boxes"][:max_boxes] * float(size)
-        labels = tf.cast(ex["labels"][:max_boxes] - 1, tf.float32)  # label-map ids are 1-based, KerasHub 0-based
-        # Always at least one padding row (max_boxes + 1 rows): KerasHub's BoxMatcher with
-        # force_match_for_each_col gathers out of range when no column is padding.
+        boxes = ex["boxes"][:max_boxes]
+        labels = tf.cast(ex["labels"][:max_boxes] - 1, tf.float32)  # label-map ids are 1-based, models 0-based
         rows = max_boxes + 1
         pad = rows - tf.shape(labels)[0]
         boxes = tf.pad(boxes, [[0, pad], [0, 0]], constant_values=-1.0)
@@ -287,7 +288,7 @@ def train_dataset(records: Path, size: int, batch_size: int, augment_cfg: Any = 
         boxes.set_shape([rows, 4])
         labels.set_shape([rows])
         image.set_shape([size, size, 3])
-        return image, {"boxes": boxes, "labels": labels}
+        return image, targets(boxes, labels, size) if targets else {"boxes": boxes, "labels": labels}
 
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     return ds.batch(batch_size, drop_remainder=repeat).prefetch(AUTOTUNE)

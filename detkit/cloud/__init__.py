@@ -1,0 +1,1 @@
+"""AWS: boto3 plumbing (``aws``), deploy, guarded updates, autoscaling, Batch Transform, SageMaker training jobs."""

@@ -1,0 +1,2 @@
+"""Building blocks every layer uses: atomic file writes and the export layout (``fsio``),
+a quiet console (``tflog``)."""

@@ -1,0 +1,1 @@
+"""Evaluation: COCO metrics over a split (``coco``) and drawing boxes on images (``draw``)."""

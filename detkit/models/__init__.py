@@ -1,0 +1,1 @@
+"""Detector families behind one interface (``family``); one module per family (``retinanet``)."""

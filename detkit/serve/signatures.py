@@ -1,0 +1,99 @@
+"""The exported SavedModel's signatures (docs/export.md): the TF Object Detection API exporter's
+contract around any family's ``detect``, and what ``saved_model_cli show`` must report of them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from detkit.data import pipeline
+from detkit.models.family import Family
+
+
+def expected_signature(max_detections: int, input_type: str = "serving_default") -> dict[str, Any]:
+    """The signature as ``saved_model_cli show`` prints it: name -> [dtype, shape]."""
+    if input_type == "image_tensor":  # one image per call, so the batch is static
+        batch, inputs = "1", ["DT_UINT8", "(1, -1, -1, 3)"]
+    else:
+        batch, inputs = "-1", ["DT_STRING", "(-1)"]
+    m = max_detections
+    return {
+        "inputs": {"inputs": inputs},
+        "outputs": {
+            "detection_boxes": ["DT_FLOAT", f"({batch}, {m}, 4)"],
+            "detection_classes": ["DT_FLOAT", f"({batch}, {m})"],
+            "detection_scores": ["DT_FLOAT", f"({batch}, {m})"],
+            "num_detections": ["DT_FLOAT", f"({batch})"],
+        },
+        "method_name": "tensorflow/serving/predict",
+    }
+
+
+def saved_model_cli_show(path: Path, signature: str) -> dict[str, Any]:
+    """``saved_model_cli show`` for one signature, parsed into ``expected_signature``'s shape."""
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    command = [str(cli)] if cli.exists() else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    text = subprocess.run([*command, "show", "--dir", str(path), "--tag_set", "serve", "--signature_def", signature],
+                          capture_output=True, text=True, check=True).stdout
+    shown: dict[str, Any] = {"inputs": {}, "outputs": {}, "method_name": None}
+    for kind, name, dtype, shape in re.findall(r"(inputs|outputs)\['([^']+)'\] tensor_info:\s*dtype: (\w+)\s*"
+                                               r"shape: (\([^)]*\))", text):
+        shown[kind][name] = [dtype, shape]
+    method = re.search(r"Method name is: (\S+)", text)
+    shown["method_name"] = method.group(1) if method else None
+    return shown
+
+
+def serving_functions(detect, size: int, signatures: list[str], max_pixels: int) -> dict[str, tuple[Any, list]]:
+    """The SavedModel's signatures (``signatures`` of the ones below): name -> (function, input signature).
+
+    ``detect``: resized images float32 [B, size, size, 3] -> TF OD API outputs (the family's
+    ``detect``). Those that take encoded images refuse one of more than ``max_pixels`` before
+    decoding it.
+    """
+    resized = tf.TensorSpec([size, size, 3], tf.float32)
+
+    def from_encoded(encoded):
+        # One image at a time: the batch may mix sizes and formats.
+        return detect(tf.map_fn(lambda e: pipeline.decode_and_resize(e, size, max_pixels), encoded,
+                                fn_output_signature=resized))
+
+    def serving_default(inputs):
+        return from_encoded(inputs)
+
+    def image_tensor(inputs):
+        return detect(pipeline.resize_image(inputs, size))
+
+    def tf_example(inputs):
+        features = tf.io.parse_example(inputs, pipeline.ENCODED)
+        return from_encoded(features["image/encoded"])
+
+    strings = [tf.TensorSpec([None], tf.string, name="inputs")]
+    functions = {
+        "serving_default": (serving_default, strings),
+        "image_tensor": (image_tensor, [tf.TensorSpec([1, None, None, 3], tf.uint8, name="inputs")]),
+        "tf_example": (tf_example, strings),
+    }
+    return {name: functions[name] for name in signatures}
+
+
+def write_savedmodel(fam: Family, model, size: int, detection: dict[str, Any], max_detections: int, path: Path,
+                     signatures: list[str], max_pixels: int) -> None:
+    """``model`` as a SavedModel at ``path`` whose ``signatures`` run ``fam.detect`` (``serving_functions``)."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def detect(images):
+        return fam.detect(model, images, detection, max_detections)
+
+    for name, (function, signature) in serving_functions(detect, size, signatures, max_pixels).items():
+        archive.add_endpoint(name, function, input_signature=signature)
+    archive.write_out(str(path), verbose=False)
+
+

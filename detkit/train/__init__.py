@@ -1,0 +1,1 @@
+"""Training: checkpoints and resume, strategies and precision (``distribute``), MLflow tracking."""
