@@ -1,12 +1,9 @@
 """DVC stage ``tfrecord``: raw images + annotations -> train/val TFRecord shards.
 
-Splits trainval rows the way the TF OD API pets tool does (seeded shuffle, first
-``train_fraction`` to train), judges every file by its bytes rather than its name, and
-writes TF OD API examples (``detkit.data.records``), ``label_map.pbtxt`` and ``stats.json``
-listing every repair and skip. Rows go to shards round-robin as in the pets tool, so every
-shard is an independent job: a process pool decodes, serialises and writes whole shards, and
-the shards are byte-identical for the same inputs and params whatever the process count. The
-stage never imports TensorFlow (``detkit.data.records`` serialises and frames the records).
+Splits trainval rows as the TF OD API pets tool does (seeded shuffle, first ``train_fraction`` to
+train; ``detkit.data.annotations``), judges every file by its bytes rather than its name, and
+writes TF OD API examples in parallel shards (``detkit.data.examples``), ``label_map.pbtxt`` and
+``stats.json`` listing every repair and skip. Never imports TensorFlow.
 """
 
 from __future__ import annotations

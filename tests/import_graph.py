@@ -26,10 +26,11 @@ def module_name(path: Path, root: Path = REPO_ROOT) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, dotted module) for every import in ``path`` of a module of this repository."""
+def imported_modules(path: Path, root: Path = REPO_ROOT) -> list[tuple[int, str]]:
+    """(line, dotted module) for every import in ``path`` of a module of the repository at ``root``."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    package = module_name(path).rpartition(".")[0] if path.name != "__init__.py" else module_name(path)
+    own = module_name(path, root)
+    package = own.rpartition(".")[0] if path.name != "__init__.py" else own
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -40,7 +41,8 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
                 parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{parent}.{base}" if base else parent
             # `from a.b import c`: c is a module when a file holds it, else a name in a.b.
-            names = [f"{base}.{alias.name}" if module_file(f"{base}.{alias.name}") else base for alias in node.names]
+            names = [f"{base}.{alias.name}" if module_file(f"{base}.{alias.name}", root) else base
+                     for alias in node.names]
         else:
             continue
         found += [(node.lineno, name) for name in names if name.split(".")[0] in PACKAGES]

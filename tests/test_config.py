@@ -99,3 +99,73 @@ def test_command_line_prints_one_value_or_names_the_closest_key(capsys):
     assert capsys.readouterr().out.strip() == "pet_object_detection"
     assert main(["export.modl_name"]) == 2
     assert "no config key 'export.modl_name' (did you mean 'model_name'?)" in capsys.readouterr().err
+
+
+def schema_defaults(cls, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> default value, for every field of the dataclass ``cls`` (and those it nests)
+    that has one other than ``???``."""
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    found = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            found.update(schema_defaults(f.default_factory, f"{key}."))
+        elif f.default is not dataclasses.MISSING and f.default is not MISSING:
+            found[key] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            found[key] = f.default_factory()
+    return found
+
+
+def file_keys(node, prefix: str = "") -> set[str]:
+    """Every dotted key a YAML mapping sets."""
+    keys = set()
+    for key, value in node.items():
+        keys.add(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys |= file_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def every_schema():
+    from detkit.config import schema
+
+    yield "", schema.Config
+    for group, schemas in (("model", schema.MODEL_SCHEMAS), ("compute", schema.COMPUTE_SCHEMAS)):
+        for cls in schemas.values():
+            yield f"{group}.", cls
+
+
+def test_values_live_in_the_files_and_nowhere_else():
+    """The schema holds types and checks; a default there would be a second place for a value (or a
+    value no file shows): every key is required (``???``) and set by params.yaml or a group file."""
+    import yaml
+
+    set_in_files = file_keys(yaml.safe_load((REPO_ROOT / "params.yaml").read_text()))
+    for path in (REPO_ROOT / "conf").glob("*/*.yaml"):
+        set_in_files |= file_keys(yaml.safe_load(path.read_text()) or {}, f"{path.parent.name}.")
+    for prefix, cls in every_schema():
+        defaults = schema_defaults(cls, prefix)
+        assert not defaults, (f"{cls.__name__}: values belong in params.yaml or conf/, not the schema: "
+                              f"{defaults} (set in a file: {sorted(set(defaults) & set_in_files)})")
+
+
+def test_a_default_in_the_schema_is_found():
+    import dataclasses
+
+    from omegaconf import MISSING
+
+    @dataclasses.dataclass
+    class Inner:
+        steps: int = 20000
+        seed: int = MISSING
+
+    @dataclasses.dataclass
+    class Outer:
+        train: Inner = dataclasses.field(default_factory=Inner)
+        shards: list[int] = dataclasses.field(default_factory=lambda: [4, 2])
+
+    assert schema_defaults(Outer) == {"train.steps": 20000, "shards": [4, 2]}
