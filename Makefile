@@ -33,7 +33,7 @@ DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learni
 # and dataset picked. Dropped: the other metrics, dependency hashes (dvc.yaml's paths; `serving` is the one
 # without a slash) and group files' keys named by path (the group name already says which file ran).
 COMPARE_WIDTH ?= 160
-COMPARE_KEEP = ^(Experiment|Created|AP|AP50|AP75|AR100|model|dataset)$$
+COMPARE_KEEP = ^(Experiment|Created|AP|AP50|AP75|AR100|parameters|train_images_per_second|model|dataset)$$
 COMPARE_DROP = ^(AP[sml]|AR1|AR10|AR[sml]|num_images|step|serving)$$|.*/|^(name|layout|archives|local_dir|label_map)$$
 MLFLOW_PORT ?= 5000
 

@@ -4,7 +4,8 @@ Runs the trained model (``models/checkpoints/final``, any family) with the same 
 detection decoding as the exported model, and writes
 
 - ``metrics/eval.json``: the 12 COCO numbers (AP, AP50, AP75, APs/m/l, AR1/10/100,
-  ARs/m/l), the image count and the training step: DVC metrics, shown by ``dvc exp show``;
+  ARs/m/l), the image count, the training step, the model's parameter count and the images/s its
+  training ran at: DVC metrics, shown by ``dvc exp show`` and ``make compare``;
 - ``metrics/per_class_ap.json``: AP per class name (null for a class absent from val);
 - ``plots/pr_curve.json``: precision at each recall point, IoU 0.5, averaged over classes;
 - ``plots/eval_samples/*.png``: val images with true (green, label below) and predicted
@@ -68,7 +69,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     if not results:
         raise ConfigError(f"{records}: the val split is empty; nothing to evaluate (see split.train_fraction)")
     coco = evaluate(results, label_map, backend=cfg.eval.coco_backend)
-    metrics = {**coco["metrics"], "num_images": len(results), "step": int(info.get("step", 0))}
+    metrics = {**coco["metrics"], "num_images": len(results), "step": int(info.get("step", 0)),
+               "parameters": int(detector.count_params()),
+               "train_images_per_second": info.get("train_images_per_second")}
 
     metrics_dir, plots_dir = Path(outputs["metrics"]), Path(outputs["plots"])
     atomic_write_json(metrics_dir / "eval.json", metrics)

@@ -42,6 +42,9 @@ from detkit.train.optimizer import make_optimizer, make_schedule, stop_interval
 from detkit.train.tracking import Tracker
 
 
+MEASURED = ("parameters", "train_images_per_second")  # detkit.json keys of the training run's figures
+
+
 class TrainError(ValueError):
     """Training cannot start: names the input to fix."""
 
@@ -140,8 +143,10 @@ def train(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *, tracking_ur
         if steps_run:
             summary["images_per_second"] = round(steps_run * int(t.batch_size) / max(seconds, 1e-9), 2)
         if plan.chief:
+            measured = {"parameters": summary["parameters"],
+                        "train_images_per_second": summary.get("images_per_second")}
             summary["final"] = str(write_final(cfg, fam, checkpoints, detector, label_map, fp, best, tracker,
-                                               pretrained, records))
+                                               pretrained, records, measured))
         if tracker:
             metrics = {f"train_{k}": summary[k] for k in ("seconds", "seconds_per_step", "images_per_second")
                        if summary.get(k) is not None}
@@ -165,8 +170,11 @@ def train(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *, tracking_ur
 
 
 def write_final(cfg, fam, checkpoints: Path, detector, label_map, fp: str, best, tracker, pretrained,
-                records: Path) -> Path:
-    """``final/``: an uncompiled float32 copy of the kept weights (last, or best val AP50)."""
+                records: Path, measured: dict[str, Any]) -> Path:
+    """``final/``: an uncompiled float32 copy of the kept weights (last, or best val AP50).
+
+    ``measured`` (parameter count, training images/s) goes into ``detkit.json`` for eval's metrics;
+    a run that trained no step keeps the figures of the run that did."""
     use_best = cfg.train.keep == "best" and best is not None
     info = {
         "model": cfg.model.name,
@@ -181,7 +189,9 @@ def write_final(cfg, fam, checkpoints: Path, detector, label_map, fp: str, best,
         "mlflow_run_id": tracker.run_id if tracker else None,
     }
     final = checkpoints / CK.FINAL
-    if (CK.read_json(final / F.INFO_FILE) or {}) != info:
+    written = CK.read_json(final / F.INFO_FILE) or {}
+    if {k: v for k, v in written.items() if k not in MEASURED} != info:
+        info.update(measured)
         if use_best:
             detector.load_weights(str(checkpoints / CK.BEST / CK.WEIGHTS))
         keras.mixed_precision.set_global_policy("float32")
