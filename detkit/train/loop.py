@@ -41,7 +41,6 @@ from detkit.train import distribute, progress
 from detkit.train.optimizer import make_optimizer, make_schedule, stop_interval
 from detkit.train.tracking import Tracker
 
-
 MEASURED = ("parameters", "train_images_per_second")  # detkit.json keys of the training run's figures
 
 
