@@ -5,6 +5,8 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
+# make test: pytest-xdist workers (tests/conftest.py keeps the demo's tests on one of them).
+TEST_WORKERS ?= 2
 # Serving: the export folder (dvc.yaml's export stage writes it) and the local port.
 EXPORT_DIR ?= models/export
 MODEL_NAME ?= $(shell $(PYTHON) -m detkit.config.show export.model_name)
@@ -67,8 +69,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-test: lint ## lint, then run the whole test suite (offline)
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+test: lint ## lint, then run the whole test suite (offline; TEST_WORKERS=2 processes)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .

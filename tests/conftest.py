@@ -17,6 +17,15 @@ os.environ["DVC_ROOT"] = str(REPO_ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def pytest_collection_modifyitems(items):
+    """With pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): every test that needs
+    the demo's run goes to one worker, so `make demo` runs once; the other tests go by module, so a
+    module's fixtures are built once."""
+    for item in items:
+        group = "demo" if "demo_run" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def cfg() -> DictConfig:
     """The real params.yaml + conf/ groups, on the embedded sample dataset."""
