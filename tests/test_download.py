@@ -12,7 +12,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import ConfigError, cli
-from detkit.data.archive import DownloadError, UnsafeArchiveError, fetch
+from detkit.data.archive import DISK_BLOCK, DownloadError, UnsafeArchiveError, fetch
 from stages import download
 from stages.download import run
 from tests.httpserver import FileServer, dead_url
@@ -88,6 +88,7 @@ def test_http_archive_is_verified_and_extracted_then_reused_from_cache(cfg, tmp_
             "bytes": archive.stat().st_size,
             "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
             "members": len(FILES),
+            "extracted_bytes": len(FILES) * DISK_BLOCK,  # each file under one block
         }
     ]
     assert sorted(p.name for p in inputs["cache"].iterdir()) == ["images.tar.gz"]
