@@ -281,15 +281,16 @@ class Budget:
     key: str  # the config key that sets the limit, named when it is reached
     used: int = 0
 
-    def charge(self, archive: Path, member: tarfile.TarInfo, total: int) -> int:
-        """``total`` plus ``member``'s cost; refused, before any of its data is read, past the limit."""
-        total += disk_bytes(member)
-        if total > self.limit:
-            raise ArchiveTooLargeError(
-                f"{archive}: refusing '{member.name}' ({member.size:,} bytes): with it the archives would "
-                f"extract {total:,} bytes (counted in {DISK_BLOCK}-byte blocks), more than {self.key} = "
-                f"{self.limit:,}; nothing was kept")
-        return total
+
+def _charge(archive: Path, member: tarfile.TarInfo, total: int, budget: Budget | None) -> int:
+    """``total`` plus ``member``'s cost; refused past the budget, before any of its data is read."""
+    total += disk_bytes(member)
+    if budget is not None and total > budget.limit:
+        raise ArchiveTooLargeError(
+            f"{archive}: refusing '{member.name}' ({member.size:,} bytes): with it the archives would "
+            f"extract {total:,} bytes (counted in {DISK_BLOCK}-byte blocks), more than {budget.key} = "
+            f"{budget.limit:,}; nothing was kept")
+    return total
 
 
 @dataclass(frozen=True)
@@ -327,8 +328,8 @@ def safe_extract(archive: Path, dest_dir: Path, budget: Budget | None = None) ->
             for member in tar:  # lazily: each header is checked before the data behind it is read
                 if (reason := _unsafe_reason(member, root)) is not None:
                     unsafe.append((member.name, reason))  # never extracted, so not charged
-                elif budget:
-                    total = budget.charge(archive, member, total)
+                else:
+                    total = _charge(archive, member, total, budget)
             _refuse_unsafe(archive, unsafe)
 
         names: list[str] = []
@@ -338,7 +339,7 @@ def safe_extract(archive: Path, dest_dir: Path, budget: Budget | None = None) ->
             nonlocal total
             if (reason := _unsafe_reason(member, root)) is not None:
                 _refuse_unsafe(archive, [(member.name, reason)])
-            total = budget.charge(archive, member, total) if budget else total + disk_bytes(member)
+            total = _charge(archive, member, total, budget)
             names.append(member.name)
             return tarfile.data_filter(member, path)
 
