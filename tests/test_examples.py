@@ -38,5 +38,6 @@ def test_an_error_in_a_worker_process_names_the_file_it_was_on(tmp_path):
             ShardJob(str(tmp_path / "train-1"), [task(tmp_path, "cat_2", image=False)])]
     with pytest.raises(ExampleError) as err, shard_mapper(2) as map_jobs:
         list(map_jobs(functools.partial(write_shard, class_ids={"cat": 1}), jobs))
-    assert str(err.value).startswith("images/cat_2.jpg (annotation annotations/xmls/cat_2.xml): FileNotFoundError: ")
+    assert str(err.value).startswith(
+        "images/cat_2.jpg (annotation annotations/xmls/cat_2.xml, shard train-1): FileNotFoundError: ")
     assert "FileNotFoundError" in str(err.value.__cause__)  # the worker's own traceback travels with it

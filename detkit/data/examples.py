@@ -174,11 +174,12 @@ def write_shard(job: ShardJob, class_ids: dict[str, int]) -> tuple[str, list[dic
         for task in job.tasks:
             try:
                 result = load_example(task, class_ids)
+                if "example" in result:
+                    shard.write(result.pop("example"))
             except Exception as exc:
                 # Out of a worker process the traceback alone does not say which of its files it was on.
-                raise ExampleError(f"{task.rel} (annotation {task.xml_rel}): {type(exc).__name__}: {exc}") from exc
-            if "example" in result:
-                shard.write(result.pop("example"))
+                raise ExampleError(f"{task.rel} (annotation {task.xml_rel}, shard {os.path.basename(job.path)}): "
+                                   f"{type(exc).__name__}: {exc}") from exc
             results.append(result)
     finally:
         shard.close()
