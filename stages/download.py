@@ -3,7 +3,9 @@
 Either downloads, verifies and unpacks ``dataset.archives`` (mirrors tried in order), or
 copies ``dataset.local_dir`` for a dataset that is already on disk. Downloads go through
 a cache folder that is not a DVC output, because DVC deletes a stage's outputs before
-running it and an interrupted 800 MB download should resume, not start over.
+running it and an interrupted 800 MB download should resume, not start over. Extraction
+stops before the archives together write more than ``dataset.max_extracted_bytes``; its
+temporary folder goes on any failure, Ctrl-C and SIGTERM included.
 
     python -m stages.download --out data/raw --cache data/downloads [--params params.yaml]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from omegaconf import DictConfig, ListConfig
 from detkit.config import ConfigError, workspace_root
 from detkit.config.cli import run_stage, stage_parser
 from detkit.core.fsio import atomic_dir
-from detkit.data.archive import ArchiveError, archive_suffix, fetch, safe_extract
+from detkit.data.archive import ArchiveError, Budget, archive_suffix, fetch, safe_extract
 
 
 def _check_archives(archives: ListConfig) -> None:
@@ -79,8 +82,9 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
         for archive in dataset.archives
     ]
     # All archives land in one staged folder, so the output appears whole or not at all.
+    budget = Budget(dataset.max_extracted_bytes, "dataset.max_extracted_bytes")
     with atomic_dir(out) as tmp:
-        members = [safe_extract(got.path, tmp) for got in fetched]
+        extracted = [safe_extract(got.path, tmp, budget) for got in fetched]
 
     summary = {
         "archives": [
@@ -90,9 +94,10 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
                 "reused": got.reused,
                 "bytes": got.size,
                 "sha256": got.sha256,
-                "members": len(names),
+                "members": len(done.members),
+                "extracted_bytes": done.disk_bytes,
             }
-            for archive, got, names in zip(dataset.archives, fetched, members, strict=True)
+            for archive, got, done in zip(dataset.archives, fetched, extracted, strict=True)
         ],
         "output": str(out),
     }
@@ -100,13 +105,21 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
         source = "cache" if item["reused"] else item["url"]
         print(
             f"download: {item['name']}: {item['bytes']:,} bytes from {source}, "
-            f"sha256 {item['sha256'][:12]}..., {item['members']:,} members extracted"
+            f"sha256 {item['sha256'][:12]}..., {item['members']:,} members extracted "
+            f"({item['extracted_bytes']:,} bytes in 4 KiB blocks)"
         )
     print(f"download: wrote {out}")
     return summary
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM's default ends the process where it stands, leaving the extraction's temporary folder
+    # (gigabytes, maybe) behind; raised as an exception, it unwinds through atomic_dir, which removes it.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     parser = stage_parser("stages.download", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")

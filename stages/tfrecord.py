@@ -70,7 +70,7 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | N
                                          "reason": "no XML annotation (no head box)"})
             else:
                 task = Task(os.path.join(images, image), os.path.join(xmls, f"{stem}.xml"), f"images/{image}",
-                            class_name)
+                            f"annotations/xmls/{stem}.xml", class_name)
                 tasks[split].append(task)
                 # Row position modulo shard count, skipped rows included, as the TF OD API pets tool.
                 names = names_of[split]
@@ -97,7 +97,8 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], workers: int | N
                 if result.get("repairs"):
                     stats["repaired"].append({"file": task.rel, "split": split, "reasons": result["repairs"]})
                 if "skip" in result:
-                    stats["skipped"].append({"file": task.rel, "split": split, "reason": result["skip"]})
+                    blame = {key: result[key] for key in ("annotation", "field", "value") if key in result}
+                    stats["skipped"].append({"file": task.rel, "split": split, "reason": result["skip"], **blame})
                     continue
                 written += 1
                 boxes += len(result["classes"])

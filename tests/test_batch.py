@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from detkit.core.fsio import newest_version
+from detkit.core.fsio import EXPORT_LABEL_MAP, newest_version
 from detkit.serve import batch
+from tests.conftest import REPO_ROOT
 from tests.repo_copy import make
 
 TOLERANCE = 1e-5  # normalised coordinates and scores: the batch's calls against one image per call
@@ -150,3 +155,48 @@ def test_batch_refuses_a_missing_or_empty_input_and_a_half_s3_run(tmp_path, caps
                           (["s3://bucket/images", str(tmp_path / "out")], "both must be s3://")):
         assert batch.main([*argv, "--export", str(tmp_path / "export")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_batch_lists_each_path_it_does_not_read_and_never_blocks(tmp_path):
+    # None of these is opened: the FIFOs would block the run, /dev/zero would never end. Nothing here
+    # is an image file, so no model is loaded: an export folder with its label map is enough.
+    outside, folder, output = tmp_path / "outside", tmp_path / "in", tmp_path / "out"
+    outside.mkdir()
+    (outside / "cat.jpg").write_bytes(b"\xff\xd8\xff outside INPUT")
+    os.mkfifo(outside / "fifo")  # nobody writes to it: opening it for reading would wait forever
+    (folder / "sub").mkdir(parents=True)
+    os.mkfifo(folder / "fifo")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(folder / "socket"))
+    links = {"loop": "loop", "ping": "pong", "pong": "ping", "dangling.jpg": "missing.jpg",
+             "to-fifo": "fifo", "out-fifo": "../outside/fifo", "out-file.jpg": "../outside/cat.jpg",
+             "zero": "/dev/zero", "sub/up": ".."}
+    for link, target in links.items():
+        (folder / link).symlink_to(target)
+    label_map = tmp_path / "export" / "pets" / "1" / EXPORT_LABEL_MAP
+    label_map.parent.mkdir(parents=True)
+    label_map.write_text("item { id: 1 name: 'cat' }\n")
+
+    result = subprocess.run([sys.executable, "-m", "detkit.serve.batch", str(folder), str(output),
+                             "--export", str(tmp_path / "export" / "pets")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    reasons = {entry["file"]: entry["reason"] for entry in json.loads((output / "skipped.json").read_text())}
+    assert reasons == {
+        "fifo": "a FIFO (named pipe): not read",
+        "socket": "a socket: not read",
+        "loop": "link loop: 'loop' leads back to a link on its way",
+        "ping": "link loop: 'pong' leads back to a link on its way",
+        "pong": "link loop: 'ping' leads back to a link on its way",
+        "dangling.jpg": "dangling link: 'missing.jpg' does not exist",
+        "to-fifo": "link to a FIFO (named pipe): not read",
+        "out-fifo": f"link to '{outside / 'fifo'}', outside INPUT: not followed",
+        "out-file.jpg": f"link to '{outside / 'cat.jpg'}', outside INPUT: not followed",
+        "zero": "link to '/dev/zero', outside INPUT: not followed",
+        "sub/up": "link to a folder: not followed (the files in INPUT are read under their own paths)",
+    }
+    for rel, reason in reasons.items():
+        assert f"bad: {rel}: {reason}" in result.stdout
+    assert json.loads((output / "images.json").read_text())["images"] == []
+    assert sorted(p.name for p in output.iterdir()) == ["detections.json", "images.json", "skipped.json"]

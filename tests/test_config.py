@@ -79,6 +79,7 @@ def test_wrong_type_is_refused_with_key():
 @pytest.mark.parametrize("override, message", [
     ("split.train_fraction=1.5", "split.train_fraction"),
     ("tfrecord.val_shards=0", "tfrecord.val_shards"),
+    ("dataset.max_extracted_bytes=0", "dataset.max_extracted_bytes: 0 must be at least 1"),
     ("export.max_image_pixels=0", "export.max_image_pixels: 0 must be at least 1"),
     ("deploy.rollout.step_percent=60", "rollout.step_percent 60 must be in \\[1, 50\\] for canary"),
     ("deploy.image=docker", "deploy.image"),

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import io
 import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import ConfigError, cli
-from detkit.data.archive import DownloadError, UnsafeArchiveError, fetch
+from detkit.data.archive import DISK_BLOCK, ArchiveTooLargeError, DownloadError, UnsafeArchiveError, fetch
 from stages import download
 from stages.download import run
+from tests.conftest import REPO_ROOT
 from tests.httpserver import FileServer, dead_url
 
 FILES = {
@@ -88,6 +95,7 @@ def test_http_archive_is_verified_and_extracted_then_reused_from_cache(cfg, tmp_
             "bytes": archive.stat().st_size,
             "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
             "members": len(FILES),
+            "extracted_bytes": len(FILES) * DISK_BLOCK,  # each file under one block
         }
     ]
     assert sorted(p.name for p in inputs["cache"].iterdir()) == ["images.tar.gz"]
@@ -316,3 +324,164 @@ def test_main_reports_errors_on_stderr(cfg, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "load_config", lambda params, overrides=(): up)
     assert download.main(args) == 0
     assert tree(outputs["raw"]) == FILES
+
+
+# ---------------------------------------------------------------- archives bounded before they cost disk
+
+GIB = 1 << 30
+ZEROS = 16 << 20  # one gzip member of this many zeros is repeated to make any size of them
+
+
+@functools.cache
+def gzipped_zeros(count: int = ZEROS) -> bytes:
+    return gzip.compress(bytes(count), compresslevel=9, mtime=0)
+
+
+def lazy_tar_gz(path: Path, parts: list[bytes | int]) -> Path:
+    """A .tar.gz of ``parts`` (tar bytes, or a count of zero bytes) never held or written expanded.
+
+    It is a sequence of gzip members, which gzip and tarfile read as one stream (as ``cat a.gz b.gz``
+    makes); the zeros are one compressed block of 16 MiB written over and over, so a member of 20 GiB
+    of zeros takes 20 MB.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as out:
+        for part in parts:
+            if isinstance(part, bytes):
+                out.write(gzip.compress(part, mtime=0))
+                continue
+            whole, rest = divmod(part, ZEROS)
+            for _ in range(whole):
+                out.write(gzipped_zeros())
+            if rest:
+                out.write(gzip.compress(bytes(rest), mtime=0))
+    return path
+
+
+def header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+def padded(size: int) -> int:
+    """A member's data with its padding to whole tar blocks."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+END = 2 * tarfile.BLOCKSIZE  # two zero blocks end a tar archive
+
+
+def left_on_disk(tmp_path: Path, before: set[Path]) -> set[str]:
+    return {p.relative_to(tmp_path).as_posix() for p in set(tmp_path.rglob("*")) - before}
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["whole-bomb", "cut-after-16MiB"])
+def test_a_member_past_the_limit_is_refused_at_its_header(cfg, tmp_path, complete):
+    # The reported case: about 20 MB of archive holding one member of 20 GiB (extracted until stopped
+    # at 2.3 GB). Cut short after 16 MiB of the member, the archive proves that the refusal reads none
+    # of the member's data: reading on would fail with 'unexpected end of data' instead.
+    size = 20 * GIB
+    archive = lazy_tar_gz(tmp_path / "srv" / "bomb.tar.gz",
+                          [header("images/Abyssinian_1.jpg", size), padded(size) + END if complete else ZEROS])
+    assert archive.stat().st_size < (25 << 20 if complete else 1 << 20)
+    inputs, outputs = dirs(tmp_path)
+    before = set(tmp_path.rglob("*"))
+
+    with pytest.raises(ArchiveTooLargeError) as err:
+        run(with_archives(cfg, entry("bomb", [archive.as_uri()], archive)), inputs, outputs)
+
+    message = str(err.value)
+    assert f"'images/Abyssinian_1.jpg' ({size:,} bytes)" in message
+    assert f"dataset.max_extracted_bytes = {cfg.dataset.max_extracted_bytes:,}" in message
+    assert left_on_disk(tmp_path, before) == {"work", "work/cache", "work/cache/bomb.tar.gz"}
+
+
+def sparse_pax(name: str, apparent: int) -> bytes:
+    """A GNU sparse member, format 1.0 (GNU tar --sparse --format=posix): a map of one 512-byte
+    block at the end of ``apparent`` bytes of holes."""
+    info = tarfile.TarInfo(f"{os.path.dirname(name)}/GNUSparseFile.0/{os.path.basename(name)}")
+    sparse_map = f"1\n{apparent - 512}\n512\n".encode().ljust(512, b"\0")
+    info.size = len(sparse_map) + 512
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": name,
+                        "GNU.sparse.realsize": str(apparent)}
+    return info.tobuf(tarfile.PAX_FORMAT) + sparse_map + b"x" * 512
+
+
+def sparse_gnu(name: str, apparent: int) -> bytes:
+    """The old GNU sparse member (type 'S', GNU tar --sparse --format=gnu): the map in the header."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    info.size = 512
+    buf = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    # The old GNU header: four (offset, numbytes) pairs from byte 386, the real size at byte 483.
+    buf[386:398] = tarfile.itn(apparent - 512, 12, tarfile.GNU_FORMAT)
+    buf[398:410] = tarfile.itn(512, 12, tarfile.GNU_FORMAT)
+    buf[483:495] = tarfile.itn(apparent, 12, tarfile.GNU_FORMAT)
+    buf[148:156] = b" " * 8
+    buf[148:155] = b"%06o\0" % tarfile.calc_chksums(bytes(buf))[0]
+    return bytes(buf) + b"x" * 512
+
+
+@pytest.mark.parametrize("craft", [sparse_pax, sparse_gnu], ids=["pax-1.0", "gnu-old"])
+def test_a_sparse_member_is_refused_before_anything_is_written(cfg, tmp_path, craft):
+    # The reported case: under 1 KB of archive holding a sparse member of 20 GiB apparent size, which
+    # tarfile's 'data' filter extracts (taking 4 KiB) and DVC then copied into its cache as 20 GB.
+    name = "images/Abyssinian_1.jpg"
+    archive = lazy_tar_gz(tmp_path / "srv" / "sparse.tar.gz", [craft(name, 20 * GIB) + bytes(END)])
+    assert archive.stat().st_size < 1024
+    with tarfile.open(archive) as tar:  # what tarfile reports, which the check relies on
+        assert [(m.name, m.size, m.issparse()) for m in tar] == [(name, 20 * GIB, True)]
+    inputs, outputs = dirs(tmp_path)
+    before = set(tmp_path.rglob("*"))
+
+    with pytest.raises(UnsafeArchiveError, match=f"'{name}': sparse file of {20 * GIB:,} bytes apparent size"):
+        run(with_archives(cfg, entry("sparse", [archive.as_uri()], archive)), inputs, outputs)
+    assert left_on_disk(tmp_path, before) == {"work", "work/cache", "work/cache/sparse.tar.gz"}
+
+
+def test_the_limit_counts_every_archive_and_a_block_for_each_member(cfg, tmp_path):
+    # Empty files take no bytes but an inode and a block each: countless of them are bounded too.
+    first = make_tar(tmp_path / "srv" / "first.tar.gz", {f"images/{i}.jpg": b"" for i in range(3)})
+    second = make_tar(tmp_path / "srv" / "second.tar.gz", {f"annotations/{i}.xml": b"" for i in range(3)})
+    archives = [entry("first", [first.as_uri()], first), entry("second", [second.as_uri()], second)]
+    inputs, outputs = dirs(tmp_path)
+    before = set(tmp_path.rglob("*"))
+
+    over = OmegaConf.merge(with_archives(cfg, *archives), {"dataset": {"max_extracted_bytes": 6 * DISK_BLOCK - 1}})
+    with pytest.raises(ArchiveTooLargeError, match="'annotations/2.xml' .* would extract 24,576 bytes"):
+        run(over, inputs, outputs)
+    assert left_on_disk(tmp_path, before) == {"work", "work/cache", "work/cache/first.tar.gz",
+                                              "work/cache/second.tar.gz"}
+
+    exact = OmegaConf.merge(over, {"dataset": {"max_extracted_bytes": 6 * DISK_BLOCK}})
+    summary = run(exact, inputs, outputs)
+    assert [a["extracted_bytes"] for a in summary["archives"]] == [3 * DISK_BLOCK, 3 * DISK_BLOCK]
+    assert len(tree(outputs["raw"])) == 6
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_an_interrupted_extraction_leaves_only_the_download_cache(tmp_path, sig):
+    # The first archive lands in the staging folder; the stage is stopped while it reads the second
+    # (1 GiB of zeros: seconds of work left), and the staging folder with the first must go.
+    first = make_tar(tmp_path / "srv" / "first.tar.gz", {"images/first.jpg": b"first"})
+    second = lazy_tar_gz(tmp_path / "srv" / "second.tar.gz", [header("images/big.bin", GIB), padded(GIB) + END])
+    archives = ",".join(
+        f"{{name:{e['name']},urls:['{e['urls'][0]}'],size:{e['size']},sha256:'{e['sha256']}'}}"
+        for e in (entry("first", [first.as_uri()], first), entry("second", [second.as_uri()], second)))
+    inputs, outputs = dirs(tmp_path)
+    before = set(tmp_path.rglob("*"))
+    command = [sys.executable, "-m", "stages.download", "--out", str(outputs["raw"]), "--cache", str(inputs["cache"]),
+               "dataset=sample", f"dataset.archives=[{archives}]", f"dataset.max_extracted_bytes={4 * GIB}"]
+    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as stage:
+        deadline = time.monotonic() + 120
+        while not list(outputs["raw"].parent.glob(".raw.tmp-*/images/first.jpg")):
+            assert stage.poll() is None, stage.stdout.read().decode()
+            assert time.monotonic() < deadline, "the first archive was never extracted"
+            time.sleep(0.01)
+        stage.send_signal(sig)
+        output = stage.communicate(timeout=60)[0].decode()
+
+    assert stage.returncode == (128 + sig if sig == signal.SIGTERM else -sig), output
+    assert left_on_disk(tmp_path, before) == {"work", "work/cache", "work/cache/first.tar.gz",
+                                              "work/cache/second.tar.gz"}, output

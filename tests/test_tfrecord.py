@@ -246,3 +246,63 @@ def test_shards_take_rows_round_robin_like_the_pets_tool(sample_raw, sample_reco
                      for r in tf.data.TFRecordDataset(str(sample_records / name))]
             expected = [stem for i, (stem, _) in enumerate(split_rows) if i % count == number and stem not in skipped]
             assert stems == expected, name
+
+
+def floats_of_every_record(records) -> list[float]:
+    """Every float of every feature of every record, whatever its key."""
+    values = []
+    for shard in sorted(records.glob("*.tfrecord")):
+        for serialized in tf.data.TFRecordDataset(str(shard)):
+            for feature in tf.train.Example.FromString(serialized.numpy()).features.feature.values():
+                values += feature.float_list.value
+    return values
+
+
+def test_every_float_written_from_the_sample_is_finite(sample_records, examples):
+    values = floats_of_every_record(sample_records)
+    assert len(values) == 4 * len(examples)  # the box of each example: nothing else is a float
+    assert all(np.isfinite(values))
+
+
+# (stem, field, value): an annotation value each row's XML gets instead of its own.
+BAD_VALUES = [
+    ("Abyssinian_1", "size/width", "inf"),  # made a worker process raise, and the stage end unnamed
+    ("Abyssinian_2", "object[1]/bndbox/xmin", "nan"),  # was written into the record, reported as 'clipped'
+    ("Bengal_1", "object[1]/bndbox/ymax", "1e999"),
+    ("Bengal_2", "size/height", "tall"),
+    ("beagle_1", "object[1]/difficult", "2"),
+    ("beagle_2", "object[1]/truncated", "yes"),
+    ("pug_1", "object[1]/bndbox/xmax", "-Infinity"),
+]
+
+
+def test_bad_annotation_values_skip_their_rows_by_name_and_the_stage_runs_to_the_end(sample_raw, tmp_path):
+    data = tmp_path / "voc"
+    (data / "images").mkdir(parents=True)
+    (data / "annotations" / "xmls").mkdir(parents=True)
+    good = ["Abyssinian_3", "Bengal_3", "beagle_3", "pug_2"]
+    for stem in good + [stem for stem, _, _ in BAD_VALUES]:
+        shutil.copy(sample_raw / "images" / f"{stem}.jpg", data / "images")
+        shutil.copy(sample_raw / "annotations" / "xmls" / f"{stem}.xml", data / "annotations" / "xmls")
+    for stem, field, value in BAD_VALUES:
+        xml = data / "annotations" / "xmls" / f"{stem}.xml"
+        tree = etree.parse(str(xml))
+        tree.find(field.replace("[1]", "")).text = value
+        tree.write(str(xml))
+    (data / "label_map.pbtxt").write_text("item { id: 1 name: 'cat' }\nitem { id: 2 name: 'dog' }\n")
+    cfg = load_config(overrides=["dataset=voc_custom", f"dataset.local_dir={data}"])
+
+    stats = tfrecord.run(cfg, {"raw": data}, {"records": tmp_path / "records"}, workers=2)
+
+    skipped = entries(stats, "skipped")
+    assert sorted(skipped) == sorted(f"images/{stem}.jpg" for stem, _, _ in BAD_VALUES)
+    for stem, field, value in BAD_VALUES:
+        entry = skipped[f"images/{stem}.jpg"]
+        annotation = f"annotations/xmls/{stem}.xml"
+        assert (entry["annotation"], entry["field"], entry["value"]) == (annotation, field, value)
+        assert entry["reason"].startswith(f"invalid annotation {annotation}: {field} '{value}': ")
+    written = json.loads((tmp_path / "records" / "stats.json").read_text())
+    assert written["skipped"] == stats["skipped"]
+    assert sum(split["examples"] for split in stats["splits"].values()) == len(good)
+    values = floats_of_every_record(tmp_path / "records")
+    assert len(values) == 4 * len(good) and all(np.isfinite(values))

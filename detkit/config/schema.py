@@ -21,6 +21,7 @@ class Dataset:
     name: str = MISSING
     layout: str = MISSING
     archives: list[Archive] = MISSING
+    max_extracted_bytes: int = MISSING
     local_dir: str | None = MISSING
     label_map: str | None = MISSING
 

@@ -29,6 +29,8 @@ def validate_values(cfg: DictConfig) -> None:
             f"dataset.layout: '{cfg.dataset.layout}' is not one of {', '.join(LAYOUTS)}"
             f"{closest(cfg.dataset.layout, list(LAYOUTS))}"
         )
+    if cfg.dataset.max_extracted_bytes < 1:
+        raise ConfigError(f"dataset.max_extracted_bytes: {cfg.dataset.max_extracted_bytes} must be at least 1")
     if not 0.0 < cfg.split.train_fraction < 1.0:
         raise ConfigError(f"split.train_fraction: {cfg.split.train_fraction} must be in (0, 1)")
     for key in ("train_shards", "val_shards"):

@@ -9,8 +9,10 @@ each object's ``<name>``, ids from the dataset's label map.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,22 +94,63 @@ def find_image(image_names: set[str], stem: str) -> str | None:
     return next((stem + suffix for suffix in IMAGE_SUFFIXES if stem + suffix in image_names), None)
 
 
+class AnnotationError(ValueError):
+    """One value of an annotation XML is missing, not a number, not finite or out of range."""
+
+    def __init__(self, field: str, value: str | None, problem: str):
+        super().__init__(field, value, problem)
+        self.field, self.value, self.problem = field, value, problem
+
+    def __str__(self) -> str:
+        return f"{self.field} {'(absent)' if self.value is None else repr(self.value)}: {self.problem}"
+
+
+# What a value must be besides a finite number: a test and what the error says when it fails.
+Rule = tuple[Callable[[float], bool], str]
+SIDE: Rule = (lambda v: v >= 1 and v.is_integer(), "not a whole number of pixels, at least 1")
+FLAG: Rule = (lambda v: v in (0, 1), "neither 0 nor 1")
+
+
+def _number(element: etree._Element, path: str, field: str, rule: Rule | None = None,
+            default: float | None = None) -> float:
+    """The number at ``path`` under ``element``; ``field`` names it in errors. Pixel coordinates may
+    be any finite number (boxes are clipped to the image later), so NaN and infinities, which
+    ``float()`` accepts ('nan', 'inf', '1e999'), are refused here for every field."""
+    text = element.findtext(path)
+    if text is None or not text.strip():
+        if default is not None:
+            return default
+        raise AnnotationError(field, text, "missing")
+    try:
+        value = float(text)
+    except ValueError:
+        raise AnnotationError(field, text, "not a number") from None
+    if not math.isfinite(value):
+        raise AnnotationError(field, text, "not a finite number")
+    if rule is not None and not rule[0](value):
+        raise AnnotationError(field, text, rule[1])
+    return value
+
+
 def parse_objects(xml: str) -> tuple[tuple[int, int] | None, list[dict[str, Any]]]:
+    """The ``<size>`` (width, height), if given, and every ``<object>``; any value read that is not a
+    usable number raises ``AnnotationError`` naming its field (``object[2]/bndbox/xmin``)."""
     root = etree.parse(xml).getroot()
     size = root.find("size")
     xml_size = None
-    if size is not None and size.findtext("width") and size.findtext("height"):
-        xml_size = (int(float(size.findtext("width"))), int(float(size.findtext("height"))))
+    if size is not None:
+        xml_size = (int(_number(size, "width", "size/width", SIDE)), int(_number(size, "height", "size/height", SIDE)))
     objects = []
-    for obj in root.iter("object"):
+    for number, obj in enumerate(root.iter("object"), start=1):
+        where = f"object[{number}]"
         box = obj.find("bndbox")
         if box is None:
-            raise ValueError("an <object> has no <bndbox>")
+            raise AnnotationError(f"{where}/bndbox", None, "missing")
         objects.append({
             "name": (obj.findtext("name") or "").strip(),
-            "box": [float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")],
-            "difficult": int(obj.findtext("difficult") or 0),
-            "truncated": int(obj.findtext("truncated") or 0),
+            "box": [_number(box, k, f"{where}/bndbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")],
+            "difficult": int(_number(obj, "difficult", f"{where}/difficult", FLAG, default=0)),
+            "truncated": int(_number(obj, "truncated", f"{where}/truncated", FLAG, default=0)),
             "view": (obj.findtext("pose") or "").strip(),
         })
     return xml_size, objects

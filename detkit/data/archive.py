@@ -4,16 +4,20 @@ Shared by the stages that bring data from outside (``download``, ``pretrained``)
 
 - ``fetch`` downloads one file from a list of mirrors into a cache, resuming an
   interrupted download with an HTTP Range request, and verifies its size and sha256.
-- ``safe_extract`` unpacks a tar archive, refusing members that would land outside the
-  destination. Extract into ``detkit.core.fsio.atomic_dir`` so that a refused or broken
-  archive leaves no partial output.
+- ``safe_extract`` unpacks a tar archive of folders and regular files, refusing members that
+  would land outside the destination, any other kind of member (links, devices, FIFOs, sparse
+  files) and, given a ``Budget``, members that would take the extracted bytes past it. Extract
+  into ``detkit.core.fsio.atomic_dir`` so that a refused, broken or interrupted extraction
+  leaves no partial output.
 """
 
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -33,6 +37,8 @@ TIMEOUT = (10.0, 60.0)
 CHUNK = 1 << 16
 # Unsafe members named in one error; a hostile archive may hold thousands.
 MAX_LISTED = 5
+# Extracted bytes are counted in blocks of the usual file-system size (ext4, XFS, APFS: 4 KiB).
+DISK_BLOCK = 4096
 
 
 class ArchiveError(RuntimeError):
@@ -44,6 +50,10 @@ class DownloadError(ArchiveError):
 
 
 class UnsafeArchiveError(ArchiveError):
+    pass
+
+
+class ArchiveTooLargeError(ArchiveError):
     pass
 
 
@@ -238,6 +248,12 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([root, path]) == root
 
 
+def disk_bytes(member: tarfile.TarInfo) -> int:
+    """What extracting ``member`` costs the disk: its size in whole blocks, at least one (folders and
+    empty files take an inode and a block too, so countless empty members are bounded as well)."""
+    return max(1, -(-member.size // DISK_BLOCK)) * DISK_BLOCK
+
+
 def _unsafe_reason(member: tarfile.TarInfo, root: str) -> str | None:
     name = member.name
     # Tar member names are POSIX paths whatever the platform.
@@ -245,22 +261,45 @@ def _unsafe_reason(member: tarfile.TarInfo, root: str) -> str | None:
         return "absolute path"
     if not _inside(root, os.path.normpath(os.path.join(root, name))):
         return "path leads outside the destination"
-    if member.isdev():
-        return "device file or FIFO"
+    if member.issparse():
+        # tarfile would recreate the holes: a file of any apparent size from a few bytes, which DVC
+        # then copies byte for byte into its cache.
+        return f"sparse file of {member.size:,} bytes apparent size"
+    if member.isreg() or member.isdir():
+        return None
     if member.issym() or member.islnk():
-        kind = "symlink" if member.issym() else "hard link"
-        link = member.linkname
-        if link.startswith("/"):
-            return f"{kind} to absolute path '{link}'"
-        # A symlink target is relative to the link's folder, a hard link's to the root.
-        base = os.path.join(root, os.path.dirname(name)) if member.issym() else root
-        if not _inside(root, os.path.normpath(os.path.join(base, link))):
-            return f"{kind} to '{link}' points outside the destination"
-    return None
+        return f"{'symlink' if member.issym() else 'hard link'} to '{member.linkname}': links are not extracted"
+    kinds = {tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
+    return f"{kinds.get(member.type, f'member of type {member.type!r}')}: neither a regular file nor a folder"
 
 
-def _refuse_unsafe(archive: Path, members: list[tarfile.TarInfo], root: str) -> None:
-    unsafe = [(m.name, r) for m in members if (r := _unsafe_reason(m, root)) is not None]
+@dataclass
+class Budget:
+    """The bytes (``disk_bytes``) that extraction may write, shared by the archives of one output."""
+
+    limit: int
+    key: str  # the config key that sets the limit, named when it is reached
+    used: int = 0
+
+
+def _charge(archive: Path, member: tarfile.TarInfo, total: int, budget: Budget | None) -> int:
+    """``total`` plus ``member``'s cost; refused past the budget, before any of its data is read."""
+    total += disk_bytes(member)
+    if budget is not None and total > budget.limit:
+        raise ArchiveTooLargeError(
+            f"{archive}: refusing '{member.name}' ({member.size:,} bytes): with it the archives would "
+            f"extract {total:,} bytes (counted in {DISK_BLOCK}-byte blocks), more than {budget.key} = "
+            f"{budget.limit:,}; nothing was kept")
+    return total
+
+
+@dataclass(frozen=True)
+class Extracted:
+    members: list[str]
+    disk_bytes: int  # what the members cost, as Budget counts it
+
+
+def _refuse_unsafe(archive: Path, unsafe: list[tuple[str, str]]) -> None:
     if not unsafe:
         return
     listed = "\n".join(f"  - '{name}': {reason}" for name, reason in unsafe[:MAX_LISTED])
@@ -269,25 +308,47 @@ def _refuse_unsafe(archive: Path, members: list[tarfile.TarInfo], root: str) -> 
     raise UnsafeArchiveError(f"{archive}: refusing to extract unsafe members:\n{listed}")
 
 
-def safe_extract(archive: Path, dest_dir: Path) -> list[str]:
-    """Unpack the tar ``archive`` into ``dest_dir``; return the member names.
+def safe_extract(archive: Path, dest_dir: Path, budget: Budget | None = None) -> Extracted:
+    """Unpack the tar ``archive`` into ``dest_dir`` (folders and regular files only).
 
-    Every member is checked before anything is written, and the whole archive is
-    refused if one would land outside ``dest_dir``: absolute paths (which tarfile's
-    'data' filter would silently make relative), ``..`` escapes, links pointing out,
-    device files. The 'data' filter then guards extraction itself against what a
-    name-only check cannot see, such as a path through a symlink made earlier in the
-    archive. After a refusal ``dest_dir`` may hold part of the archive: extract into a
-    ``detkit.core.fsio.atomic_dir`` so that it is thrown away.
+    A first pass reads every header, and refuses the whole archive before anything is written if one
+    member would land outside ``dest_dir`` (absolute paths, which tarfile's 'data' filter would
+    silently make relative, ``..`` escapes), is no regular file or folder (links, devices, FIFOs,
+    sparse files), or would take the extracted bytes past ``budget``: that last check stops at the
+    member's header, so a bomb costs neither disk nor the time to decompress it. The second pass
+    extracts through a filter that repeats these checks (the file could change in between) and then
+    applies the 'data' filter. Should extraction fail or be interrupted anyway, ``dest_dir`` may hold
+    part of the archive: extract into a ``detkit.core.fsio.atomic_dir`` so that it is thrown away.
     """
     root = os.path.realpath(dest_dir)
+    start = budget.used if budget else 0
     try:
         with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            _refuse_unsafe(archive, members, root)
-            tar.extractall(dest_dir, members=members, filter="data")
+            unsafe, total = [], start
+            for member in tar:  # lazily: each header is checked before the data behind it is read
+                if (reason := _unsafe_reason(member, root)) is not None:
+                    unsafe.append((member.name, reason))  # never extracted, so not charged
+                else:
+                    total = _charge(archive, member, total, budget)
+            _refuse_unsafe(archive, unsafe)
+
+        names: list[str] = []
+        total = start
+
+        def guard(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+            nonlocal total
+            if (reason := _unsafe_reason(member, root)) is not None:
+                _refuse_unsafe(archive, [(member.name, reason)])
+            total = _charge(archive, member, total, budget)
+            names.append(member.name)
+            return tarfile.data_filter(member, path)
+
+        with tarfile.open(archive) as tar:
+            tar.extractall(dest_dir, filter=guard)
     except tarfile.FilterError as exc:
         raise UnsafeArchiveError(f"{archive}: refusing unsafe member '{exc.tarinfo.name}': {exc}") from exc
-    except (tarfile.TarError, OSError) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise ArchiveError(f"{archive}: cannot extract: {exc}") from exc
-    return [m.name for m in members]
+    if budget:
+        budget.used = total
+    return Extracted(names, total - start)

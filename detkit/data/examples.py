@@ -25,7 +25,7 @@ import simplejpeg
 from lxml import etree
 from PIL import Image, UnidentifiedImageError
 
-from detkit.data.annotations import parse_objects
+from detkit.data.annotations import AnnotationError, parse_objects
 from detkit.data.records import BOX_KEYS, TFRecordFile, encode_example, example_class
 
 REENCODE_QUALITY = 95
@@ -37,7 +37,8 @@ class Task:
 
     image: str  # plain paths: Path objects cost the listing more than the stat calls they replace
     xml: str
-    rel: str  # path relative to the raw folder, as reported in stats.json
+    rel: str  # the image's path relative to the raw folder, as reported in stats.json
+    xml_rel: str  # the annotation's
     class_name: str | None  # Pets: the breed from the file name; VOC: None (per object)
 
 
@@ -90,7 +91,8 @@ def _libjpeg_warning(data: bytes) -> str | None:
 def load_example(task: Task, class_ids: dict[str, int]) -> dict[str, Any]:
     """Read, check and repair one image + XML into a serialised example.
 
-    Returns ``{"example": bytes, "classes": [...], "repairs": [...]}`` or ``{"skip": reason}``.
+    Returns ``{"example": bytes, "classes": [...], "repairs": [...]}`` or ``{"skip": reason}``, the
+    latter with ``annotation`` (and the ``field`` and ``value`` at fault) when the XML is to blame.
     Runs in worker processes: no TensorFlow here, only bytes, Pillow, simplejpeg, lxml and protobuf.
     """
     with open(task.image, "rb") as file:
@@ -105,8 +107,11 @@ def load_example(task: Task, class_ids: dict[str, int]) -> dict[str, Any]:
     width, height = image.size
     try:
         xml_size, objects = parse_objects(task.xml)
-    except (etree.XMLSyntaxError, ValueError, TypeError) as exc:
-        return {"skip": f"invalid annotation {os.path.basename(task.xml)}: {exc}"}
+    except AnnotationError as exc:
+        return {"skip": f"invalid annotation {task.xml_rel}: {exc}", "annotation": task.xml_rel,
+                "field": exc.field, "value": exc.value}
+    except etree.XMLSyntaxError as exc:
+        return {"skip": f"invalid annotation {task.xml_rel}: {exc}", "annotation": task.xml_rel}
     if xml_size and xml_size != (width, height):
         repairs.append(f"XML size {xml_size[0]}x{xml_size[1]} differs from the image's {width}x{height}: "
                        "boxes normalised by the image")
@@ -157,15 +162,24 @@ class ShardJob:
     tasks: list[Task]
 
 
+class ExampleError(RuntimeError):
+    """Reading one image and its annotation failed in a way no check foresaw; names both files."""
+
+
 def write_shard(job: ShardJob, class_ids: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
     """Write ``job.path``; return it with one ``load_example`` result per task, minus the bytes."""
     shard = TFRecordFile(Path(job.path))
     results = []
     try:
         for task in job.tasks:
-            result = load_example(task, class_ids)
-            if "example" in result:
-                shard.write(result.pop("example"))
+            try:
+                result = load_example(task, class_ids)
+                if "example" in result:
+                    shard.write(result.pop("example"))
+            except Exception as exc:
+                # Out of a worker process the traceback alone does not say which of its files it was on.
+                raise ExampleError(f"{task.rel} (annotation {task.xml_rel}, shard {os.path.basename(job.path)}): "
+                                   f"{type(exc).__name__}: {exc}") from exc
             results.append(result)
     finally:
         shard.close()

@@ -10,7 +10,9 @@ answers for that one image (TF Serving's row form, ``{"predictions": [{"detectio
 - ``OUTPUT/images.json``: a COCO dataset file (``images`` with ``file_name`` = ``<rel>``, ``width``,
   ``height``; ``categories`` from the label map; no annotations), so that
   ``COCO("images.json").loadRes("detections.json")`` works; image ids are 1-based in sorted order;
-- ``OUTPUT/skipped.json``: the files that are not images or do not decode, each with its reason.
+- ``OUTPUT/skipped.json``: every path under INPUT that was not processed, each with its reason: files that
+  are not images or do not decode, and what is never opened (FIFOs, sockets, devices, folders that cannot
+  be listed, links that loop, dangle, or lead to a folder, a special file or out of INPUT: not followed).
 
 Images that already have their JSON (and PNG, with ``--draw``) are skipped, so a stopped run resumes.
 Bad files never stop the run. A reader thread reads and checks the next batch while the current
@@ -26,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import io
 import json
 import os
 import queue
+import stat
 import sys
 import threading
 import time
@@ -90,19 +94,88 @@ def image_format(head: bytes) -> str | None:
     return next((name for magic, name in SIGNATURES if head.startswith(magic)), None)
 
 
-def input_files(input_dir: Path, output_dir: Path) -> list[str]:
-    """Every file under ``input_dir`` (relative, '/'-separated, sorted); outputs inside it are not inputs."""
+# What is not a regular file, by its mode: never opened (opening a FIFO blocks until someone writes).
+SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _special(mode: int) -> str:
+    return next((name for is_kind, name in SPECIAL_FILES if is_kind(mode)), "not a regular file")
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _link_reason(link: Path, root: Path, output_dir: Path) -> str | None:
+    """Why the symbolic link ``link`` under ``root`` is not read, or None: it leads to a regular file in INPUT.
+    Links are resolved, never followed to read anything, to judge them."""
+    target = os.readlink(link)
+    try:
+        real = Path(os.path.realpath(link, strict=True))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"link loop: '{target}' leads back to a link on its way"
+        if exc.errno == errno.ENOENT:
+            return f"dangling link: '{target}' does not exist"
+        return f"link to '{target}' cannot be resolved: {exc.strerror}"
+    if not _inside(root, real):
+        return f"link to '{real}', outside INPUT: not followed"
+    if _inside(output_dir, real):
+        return "link into OUTPUT: outputs are not inputs"
+    mode = os.stat(real).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "link to a folder: not followed (the files in INPUT are read under their own paths)"
+    return f"link to {_special(mode)}: not read"
+
+
+def input_files(input_dir: Path, output_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """Every regular file under ``input_dir`` (relative, '/'-separated, sorted), links to one inside it
+    included, and each other path found there with why it is not read: special files, links that loop,
+    dangle, lead to a folder, to a special file or out of INPUT (never followed), folders that cannot be
+    listed. Nothing is opened. OUTPUT, when inside INPUT, is not searched: outputs are not inputs."""
     if not input_dir.is_dir():
         raise BatchError(f"{input_dir}: INPUT is not a folder" if input_dir.exists() else
                          f"{input_dir}: INPUT does not exist")
-    input_dir, output_dir = input_dir.resolve(), output_dir.resolve()
-    if output_dir == input_dir:
+    root, output_dir = input_dir.resolve(), output_dir.resolve()
+    if output_dir == root:
         raise BatchError(f"{output_dir}: OUTPUT must not be INPUT: the outputs would be taken for inputs")
-    files = sorted(path.relative_to(input_dir).as_posix() for path in input_dir.rglob("*")
-                   if path.is_file() and output_dir not in path.parents)
-    if not files:
+    files: list[str] = []
+    unread: dict[str, str] = {}
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            unread[folder.relative_to(root).as_posix()] = f"folder that cannot be listed: {exc.strerror}"
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            rel = path.relative_to(root).as_posix()
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except FileNotFoundError:  # gone since the folder was listed
+                continue
+            if stat.S_ISDIR(mode):
+                if path != output_dir:
+                    folders.append(path)
+            elif stat.S_ISREG(mode):
+                files.append(rel)
+            elif stat.S_ISLNK(mode):
+                reason = _link_reason(path, root, output_dir)
+                if reason is None:
+                    files.append(rel)
+                else:
+                    unread[rel] = reason
+            else:
+                unread[rel] = f"{_special(mode)}: not read"
+    if not files and not unread:
         raise BatchError(f"{input_dir}: INPUT holds no files")
-    return files
+    return sorted(files), unread
 
 
 def answer_path(output_dir: Path, rel: str) -> Path:
@@ -281,7 +354,9 @@ def known_bad(input_dir: Path, output_dir: Path) -> dict[str, str]:
         entries = json.loads((output_dir / SKIPPED_FILE).read_text())
     except (OSError, ValueError):
         return {}
-    return {e["file"]: e["reason"] for e in entries if stamp(input_dir / e["file"]) == e.get("stamp")}
+    # Entries without a stamp (paths not read, files to try again) are judged anew.
+    return {e["file"]: e["reason"] for e in entries
+            if e.get("stamp") is not None and stamp(input_dir / e["file"]) == e["stamp"]}
 
 
 def listed_sizes(output_dir: Path) -> dict[str, tuple[int, int]]:
@@ -326,16 +401,16 @@ def run(input_dir: Path, output_dir: Path, export: Path, batch_size: int = DEFAU
     """Run the newest version under ``export`` (``<base>/<model_name>``) over ``input_dir``; see the module doc.
 
     Returns the summary: files ``read`` (those not done before), images ``done`` now, ``already_done``,
-    ``bad`` (rel -> reason, this run's and the unchanged ones of earlier runs), ``seconds`` (reading,
-    inference, writing; loading and warming up the model is ``load_seconds``), ``images_per_s`` and the
-    files written.
+    ``bad`` (rel -> reason: this run's, the unchanged ones of earlier runs and the paths not read),
+    ``seconds`` (reading, inference, writing; loading and warming up the model is ``load_seconds``),
+    ``images_per_s`` and the files written.
     """
     from tqdm import tqdm
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if batch_size < 1:
         raise BatchError(f"batch size {batch_size}: must be at least 1")
-    files = input_files(input_dir, output_dir)
+    files, unread = input_files(input_dir, output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise BatchError(f"{output_dir}: OUTPUT is a file, not a folder")
     version = newest_version(export)
@@ -376,6 +451,7 @@ def run(input_dir: Path, output_dir: Path, export: Path, batch_size: int = DEFAU
                 writer.close()
         seconds = time.perf_counter() - started
         sizes, bad, retry = writer.sizes, {**bad, **writer.bad}, writer.retry
+    bad.update(unread)
 
     dataset, detections = coco_files(input_dir, output_dir, files, {**listed_sizes(output_dir), **sizes}, label_map)
     written = {name: output_dir / name for name in (IMAGES_FILE, DETECTIONS_FILE, SKIPPED_FILE)}
@@ -383,7 +459,7 @@ def run(input_dir: Path, output_dir: Path, export: Path, batch_size: int = DEFAU
     # One line: up to export.max_detections an image, over many images, is too much to indent.
     atomic_write_bytes(written[DETECTIONS_FILE], (json.dumps(detections) + "\n").encode())
     atomic_write_json(written[SKIPPED_FILE], [
-        {"file": rel, "reason": reason, "stamp": None if rel in retry else stamp(input_dir / rel)}
+        {"file": rel, "reason": reason, "stamp": None if rel in retry or rel in unread else stamp(input_dir / rel)}
         for rel, reason in sorted(bad.items())])
     return {
         "export": str(version), "files": len(files), "read": len(todo), "done": len(sizes),
