@@ -58,10 +58,14 @@ TYPOS = {
 }
 
 
-def program(*args: str, cwd: Path = REPO_ROOT, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """``python -m <args>`` in ``cwd`` from a shell with the venv activated (the repository's code importable)."""
-    return subprocess.run(["python", "-m", *args], cwd=cwd, env=activated_env(PYTHONPATH=str(REPO_ROOT)),
-                          capture_output=True, text=True, timeout=timeout)
+def python(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """``python <args>`` in ``cwd`` from a shell with the venv activated (the repository's code importable)."""
+    return subprocess.run(["python", *args], cwd=cwd, env=activated_env(PYTHONPATH=str(REPO_ROOT)),
+                          capture_output=True, text=True)
+
+
+def program(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    return python("-m", *args, cwd=cwd)
 
 
 def one_line(result: subprocess.CompletedProcess) -> str:
@@ -87,6 +91,17 @@ def test_a_typo_in_an_override_is_one_line_naming_the_key_and_exit_2(module, tmp
     result = program(module, *[a.format(tmp=tmp_path) for a in arguments], typo)
     assert one_line(result) == f"error: override '{typo}': {message}"
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_typo_fails_before_tensorflow_loads(tmp_path):
+    runs = {module: [*(a.format(tmp=tmp_path) for a in arguments), typo]
+            for module, (arguments, typo, _) in TYPOS.items()}
+    script = ("import importlib, json, sys\n"
+              f"for module, argv in json.loads({json.dumps(runs)!r}).items():\n"
+              "    assert importlib.import_module(module).main(argv) == 2, module\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    result = python("-c", script)
+    assert (result.returncode, result.stdout) == (0, "[]\n"), result.stdout + result.stderr
 
 
 def test_a_misspelt_group_choice_lists_the_files():
