@@ -6,9 +6,9 @@ for bad usage).
 
 Overrides: ``group=name`` switches a group file (``model=retinanet_tiny``), ``a.b=c`` sets a key
 (``train.steps=10``, ``deploy.region=eu-west-1``), ``+a.b=c`` adds one, ``~a.b`` removes one. A
-positional is an override by its form, ``KEY=VALUE`` with KEY a dotted name (after an optional ``+``,
-``++`` or ``~``), unless it is an option's value (``--out a=b.png``) or comes after ``--``; so a path
-of that form goes after ``--``, or as ``./a=b.png``.
+positional is an override by its form, wherever it stands: ``KEY=VALUE`` with KEY a dotted name (after
+an optional ``+``, ``++`` or ``~``), unless it is an option's value (``--out a=b.png``) or comes after
+``--``; so a path of that form goes after ``--``, or as ``./a=b.png``.
 
 Overrides change this one run only (``python -m stages.train ... train.steps=10
 model=retinanet_tiny``); DVC records ``params.yaml``, so an experiment that DVC should track goes
