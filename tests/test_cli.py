@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from detkit.config.cli import split_overrides
+from detkit.models.family import INFO_FILE
 from detkit.serve.predict import client_arguments
 from tests.conftest import REPO_ROOT
 from tests.httpserver import free_port
@@ -171,7 +172,7 @@ def test_train_runs_the_steps_and_model_the_overrides_name(workspace, sample_rec
                      "model.image_size=64", "train.steps=2", "train.batch_size=2", "train.warmup_steps=1",
                      "train.checkpoint_every=2", "train.eval_every=0", cwd=workspace)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    info = json.loads((workspace / "checkpoints" / "final" / "model_info.json").read_text())
+    info = json.loads((workspace / "checkpoints" / "final" / INFO_FILE).read_text())
     assert (info["step"], info["image_size"]) == (2, 64), info
 
 
