@@ -23,9 +23,10 @@ AWS_REGION ?=
 DEPLOY_IMAGE ?=
 IMAGE_TAG ?=
 INSTANCE_TYPE ?=
-DEPLOY_SET = $(if $(AWS_REGION),--set deploy.region=$(AWS_REGION)) $(if $(DEPLOY_IMAGE),--set deploy.image=$(DEPLOY_IMAGE)) \
-	$(if $(IMAGE_TAG),--set deploy.image_tag=$(IMAGE_TAG)) $(if $(INSTANCE_TYPE),--set deploy.instance_type=$(INSTANCE_TYPE))
-DEPLOY := $(PYTHON) -m detkit.cloud.deploy $(DEPLOY_SET)
+# Passed as config overrides (Hydra's KEY=VALUE, the last arguments of every program's command line).
+DEPLOY_OVERRIDES = $(if $(AWS_REGION),deploy.region=$(AWS_REGION)) $(if $(DEPLOY_IMAGE),deploy.image=$(DEPLOY_IMAGE)) \
+	$(if $(IMAGE_TAG),deploy.image_tag=$(IMAGE_TAG)) $(if $(INSTANCE_TYPE),deploy.instance_type=$(INSTANCE_TYPE))
+DEPLOY := $(PYTHON) -m detkit.cloud.deploy
 # The demo's params: the embedded sample, the tiny model and a training budget that CPUs finish
 # in about 3 minutes (README: make demo).
 DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learning_rate=0.002 \
@@ -120,7 +121,8 @@ predict: ## IMAGE=<file> [URL=...]: send an image as a TF Serving REST request (
 batch: ## INPUT=<folder|s3://...> OUTPUT=<folder|s3://...> [DRAW=1]: the newest export over every image, one JSON each + COCO files
 	@test -n "$(INPUT)" && test -n "$(OUTPUT)" || { echo "usage: make batch INPUT=path/to/images OUTPUT=path/to/results [DRAW=1]" \
 	  "(or INPUT=s3://bucket/in OUTPUT=s3://bucket/out: SageMaker Batch Transform)"; exit 2; }
-	$(PYTHON) -m detkit.serve.batch "$(INPUT)" "$(OUTPUT)" --export "$(EXPORT_DIR)/$(MODEL_NAME)" $(if $(DRAW),--draw) $(DEPLOY_SET)
+	$(if $(filter s3://%,$(INPUT)),$(PYTHON) -m detkit.cloud.transform "$(INPUT)" "$(OUTPUT)" $(DEPLOY_OVERRIDES),\
+	  $(PYTHON) -m detkit.serve.batch "$(INPUT)" "$(OUTPUT)" --export "$(EXPORT_DIR)/$(MODEL_NAME)" $(if $(DRAW),--draw))
 
 ## Deploy (AWS SageMaker; credentials from the usual AWS chain)
 docker-test: ## build the serving image from build/serving and send it the REST request of docs/export.md (needs Docker)
@@ -129,17 +131,17 @@ docker-test: ## build the serving image from build/serving and send it the REST 
 	else serving/docker-test.sh build/serving "$(MODEL_NAME)" "$(PYTHON)"; fi
 
 deploy: ## [DEPLOY_IMAGE=aws] quality gate, image (ECR, or S3 + AWS's image), endpoint (blue/green update), alarms, autoscaling
-	$(DEPLOY) deploy --context build/serving --archive build/model.tar.gz --metrics metrics/eval.json
+	$(DEPLOY) deploy --context build/serving --archive build/model.tar.gz --metrics metrics/eval.json $(DEPLOY_OVERRIDES)
 
 invoke: ## IMAGE=<file>: send an image to the endpoint with boto3 invoke_endpoint, print and draw
 	@test -n "$(IMAGE)" || { echo "usage: make invoke IMAGE=path/to/image.jpg"; exit 2; }
-	$(DEPLOY) invoke "$(IMAGE)" --export "$(EXPORT_DIR)/$(MODEL_NAME)"
+	$(DEPLOY) invoke "$(IMAGE)" --export "$(EXPORT_DIR)/$(MODEL_NAME)" $(DEPLOY_OVERRIDES)
 
 status: ## the endpoint's state, image, alarms and autoscaling, and this project's models and endpoint configs
-	$(DEPLOY) status
+	$(DEPLOY) status $(DEPLOY_OVERRIDES)
 
 undeploy: ## delete the autoscaling, endpoint, alarms, endpoint configs and models this project created (stops billing)
-	$(DEPLOY) undeploy
+	$(DEPLOY) undeploy $(DEPLOY_OVERRIDES)
 
 ## Housekeeping
 clean: ## remove generated artefacts (not the download cache)

@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from detkit.config import ConfigError, workspace_root
-from detkit.config.cli import run_stage, stage_parser
+from detkit.config.cli import command_parser, run_stage
 from detkit.core.fsio import atomic_dir
 from detkit.data.archive import ArchiveError, Budget, archive_suffix, fetch, safe_extract
 
@@ -120,7 +120,7 @@ def _terminated(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminated)
-    parser = stage_parser("stages.download", __doc__)
+    parser = command_parser("stages.download", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")
     root = workspace_root()

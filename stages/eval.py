@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from detkit.config import ConfigError
-from detkit.config.cli import run_stage, stage_parser
+from detkit.config.cli import command_parser, run_stage
 from detkit.core.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
 from detkit.data.labelmap import read_label_map
 from detkit.eval.coco import ImageResult, evaluate, predict_split
@@ -93,7 +93,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("stages.eval", __doc__)
+    parser = command_parser("stages.eval", __doc__)
     parser.add_argument("--records", type=Path, required=True, help="tfrecord stage output")
     parser.add_argument("--checkpoints", type=Path, required=True, help="train stage output")
     parser.add_argument("--metrics", type=Path, required=True, help="folder for eval.json, per_class_ap.json")

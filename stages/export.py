@@ -36,7 +36,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from detkit.config import ConfigError
-from detkit.config.cli import run_stage, stage_parser
+from detkit.config.cli import command_parser, run_stage
 from detkit.core.fsio import EXPORT_CHECK, EXPORT_LABEL_MAP, atomic_dir, versions
 from detkit.models.family import LABEL_MAP_FILE, ModelError
 from detkit.train.checkpoints import FINAL
@@ -99,7 +99,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("stages.export", __doc__)
+    parser = command_parser("stages.export", __doc__)
     parser.add_argument("--checkpoints", type=Path, required=True, help="train stage output (uses its final/)")
     parser.add_argument("--records", type=Path, required=True, help="tfrecord stage output (val images)")
     parser.add_argument("--out", type=Path, required=True, help="export base folder (<out>/<model_name>/<version>)")

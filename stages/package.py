@@ -32,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from detkit.config.cli import run_stage, stage_parser
+from detkit.config.cli import command_parser, run_stage
 from detkit.core import fsio
 from detkit.core.fsio import atomic_dir, atomic_write_bytes
 
@@ -109,7 +109,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("stages.package", __doc__)
+    parser = command_parser("stages.package", __doc__)
     parser.add_argument("--export", type=Path, required=True, help="export stage output (<export>/<model_name>/)")
     parser.add_argument("--serving", type=Path, required=True,
                         help="serving/ (Dockerfile, nginx config, scripts, inference.py)")

@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from detkit.config import ConfigError, workspace_root
-from detkit.config.cli import run_stage, stage_parser
+from detkit.config.cli import command_parser, run_stage
 from detkit.core.fsio import atomic_dir, atomic_write_json
 from detkit.data.archive import ArchiveError, archive_suffix, fetch, safe_extract
 
@@ -103,7 +103,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("stages.pretrained", __doc__)
+    parser = command_parser("stages.pretrained", __doc__)
     parser.add_argument("--out", type=Path, required=True, help="preset folder to write")
     parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")
     root = workspace_root()

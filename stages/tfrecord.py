@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from detkit.config.cli import run_stage, stage_parser
+from detkit.config.cli import command_parser, run_stage
 from detkit.core.fsio import atomic_dir, atomic_write_json
 from detkit.data.annotations import (
     IMAGE_SUFFIXES,
@@ -135,7 +135,7 @@ def _print_summary(stats: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = stage_parser("stages.tfrecord", __doc__)
+    parser = command_parser("stages.tfrecord", __doc__)
     parser.add_argument("--raw", type=Path, required=True, help="extracted dataset (download stage output)")
     parser.add_argument("--out", type=Path, required=True, help="records folder to write")
     parser.add_argument("--workers", type=int, default=None,

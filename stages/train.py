@@ -21,12 +21,19 @@ from typing import Any
 
 from detkit.cloud import training_contract, training_job
 from detkit.config import ConfigError, load_config
-from detkit.config.cli import USER_ERROR, run_stage, stage_parser
-from detkit.data.pipeline import DataError
+from detkit.config.cli import command_parser, fail, run_stage
 from detkit.models.family import ModelError
 from detkit.train.checkpoints import CheckpointError
 
-ERRORS = (ModelError, DataError, CheckpointError, training_job.TrainingJobError, training_contract.ContractError)
+
+def errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix; two live in modules that import TensorFlow, so this is called only
+    once one is raised, and a bad override fails before TensorFlow loads."""
+    from detkit.data.pipeline import DataError
+    from detkit.train.loop import TrainError
+
+    return (ModelError, DataError, CheckpointError, TrainError, training_job.TrainingJobError,
+            training_contract.ContractError)
 
 
 def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], **options) -> dict[str, Any]:
@@ -40,18 +47,17 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], **options) -> di
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    from detkit.train.loop import TrainError
-
     try:
         contract = training_contract.from_environment()
         if contract is not None:  # inside a SageMaker Training job: no bar, a progress line per stop for its logs
             cfg = load_config(contract.params, overrides=contract.overrides)
             contract.publish(run(cfg, contract.inputs, contract.outputs, track=False, bar=False))
             return 0
-    except (ConfigError, TrainError, *ERRORS) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USER_ERROR
-    parser = stage_parser("stages.train", __doc__)
+    except ConfigError as exc:
+        return fail(exc)
+    except errors() as exc:
+        return fail(exc)
+    parser = command_parser("stages.train", __doc__)
     parser.add_argument("--records", type=Path, required=True, help="tfrecord stage output")
     parser.add_argument("--pretrained", type=Path, default=None, help="pretrained stage output")
     parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoints folder (persist: true)")
@@ -59,7 +65,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--val-log", type=Path, required=True, help="val log CSV (train.eval_every) for dvc plots")
     return run_stage(parser, argv, lambda cfg, args: run(
         cfg, {"records": args.records, "pretrained": args.pretrained},
-        {"checkpoints": args.checkpoints, "log": args.log, "val_log": args.val_log}), errors=(TrainError, *ERRORS))
+        {"checkpoints": args.checkpoints, "log": args.log, "val_log": args.val_log}), errors=errors)
 
 
 if __name__ == "__main__":

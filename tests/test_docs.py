@@ -210,10 +210,10 @@ def test_deploy_page_names_every_setting_environment_and_make_variable():
     assert set(settings) <= set(keys)
     environment = re.findall(r"\$\{oc\.env:(\w+)", (ROOT / "conf" / "deploy" / "sagemaker.yaml").read_text())
     assert environment and missing_mentions(text, environment) == []
-    make_overrides = re.findall(r"--set deploy\.(\w+)=\$\((\w+)\)", (ROOT / "Makefile").read_text())
+    make_overrides = re.findall(r"\bdeploy\.(\w+)=\$\((\w+)\)", (ROOT / "Makefile").read_text())
     assert len(make_overrides) == 4
     for key, variable in make_overrides:
-        assert f"--set deploy.{key}=" in text and f"{variable}=" in text
+        assert f"`deploy.{key}=" in text and f"{variable}=" in text
 
 
 def test_deploy_page_names_every_make_target_it_documents():

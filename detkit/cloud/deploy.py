@@ -5,10 +5,11 @@
     python -m detkit.cloud.deploy invoke IMAGE [--out ...]   # boto3 invoke_endpoint with the REST body
     python -m detkit.cloud.deploy undeploy   # delete what we made: autoscaling, endpoint, alarms, configs, models
 
-Settings come from the ``deploy`` config group (``conf/deploy/sagemaker.yaml``) and the
-environment it names; credentials come from boto3's usual chain and are never printed or
-written (the ECR password goes to ``docker login`` on stdin). Every resource created here
-carries the tag ``project=<deploy.project_tag>``; ``undeploy`` deletes only those.
+Settings come from the ``deploy`` config group (``conf/deploy/sagemaker.yaml``), overridden for one
+run by trailing ``KEY=VALUE`` (``... status deploy.region=eu-west-1``), and the environment it names;
+credentials come from boto3's usual chain and are never printed or written (the ECR password goes
+to ``docker login`` on stdin). Every resource created here carries the tag
+``project=<deploy.project_tag>``; ``undeploy`` deletes only those.
 
 ``deploy.image`` picks the container: ``custom`` builds our TF Serving + nginx image and
 pushes it to ECR (needs Docker); ``aws`` uploads ``build/model.tar.gz`` to S3 under its
@@ -39,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from detkit.cloud import autoscaling, aws, guardrails
-from detkit.config import ConfigError, load_config, repo_root
-from detkit.config.cli import stage_parser
+from detkit.config import repo_root
+from detkit.config.cli import command_parser, export_folder, load, run_command
 from detkit.core.fsio import EXPORT_CHECK
 
 VARIANT = "AllTraffic"
@@ -439,12 +440,37 @@ def update_wait_minutes(cfg) -> float:
     return max(cfg.wait_minutes, cfg.rollout.max_execution_timeout_s / 60)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from detkit.serve.predict import client_arguments, run_client
+def command(args) -> int | None:
+    """The subcommand ``args`` names, on the config its overrides compose."""
+    from detkit.serve.predict import run_client
 
-    parser = stage_parser("detkit.cloud.deploy", __doc__, overrides=False)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. deploy.instance_type=ml.c5.large (repeatable)")
+    cfg = load(args)
+    settings = settings_from(cfg, args)
+    docker = DockerEngine()
+    if args.command == "deploy" and cfg.deploy.image == "custom" and not docker.available():
+        raise DeployError("no Docker engine here: deploy.image=custom builds and pushes the serving image with "
+                          "docker; run it where `docker info` works, or deploy without Docker: "
+                          "make deploy DEPLOY_IMAGE=aws (AWS's TensorFlow Serving image)")
+    try:
+        made = clients(cfg.deploy.region)
+        if args.command == "deploy":
+            deploy(settings, made, docker, EndpointSwitch(made["sagemaker"], update_wait_minutes(cfg.deploy)))
+        elif args.command == "status":
+            status(settings, made)
+        elif args.command == "invoke":
+            args.export = args.export or export_folder(cfg)
+            return run_client(args, invoker(made["sagemaker-runtime"], cfg.deploy.endpoint_name))
+        else:
+            undeploy(settings, made)
+    except aws.call_errors() as exc:
+        raise DeployError(f"AWS ({cfg.deploy.region}): {exc}") from None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from detkit.serve.predict import client_arguments
+
+    parser = command_parser("detkit.cloud.deploy", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     deploying = commands.add_parser("deploy", help="gate, image, create or update the endpoint, wait for InService")
     deploying.add_argument("--context", type=Path, required=True, help="the package stage's docker build context")
@@ -453,31 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("status", help="the endpoint, its alarms and autoscaling, this project's models and configs")
     client_arguments(commands.add_parser("invoke", help="send an image with invoke_endpoint"))
     commands.add_parser("undeploy", help="delete the autoscaling, endpoint, alarms, configs and models of this project")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.params, overrides=args.set)
-        settings = settings_from(cfg, args)
-        docker = DockerEngine()
-        if args.command == "deploy" and cfg.deploy.image == "custom" and not docker.available():
-            raise DeployError("no Docker engine here: deploy.image=custom builds and pushes the serving image with "
-                              "docker; run it where `docker info` works, or deploy without Docker: "
-                              "make deploy DEPLOY_IMAGE=aws (AWS's TensorFlow Serving image)")
-        made = clients(cfg.deploy.region)
-        if args.command == "deploy":
-            deploy(settings, made, docker, EndpointSwitch(made["sagemaker"], update_wait_minutes(cfg.deploy)))
-        elif args.command == "status":
-            status(settings, made)
-        elif args.command == "invoke":
-            return run_client(args, invoker(made["sagemaker-runtime"], cfg.deploy.endpoint_name))
-        else:
-            undeploy(settings, made)
-    except (ConfigError, DeployError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except aws.call_errors() as exc:
-        print(f"error: AWS ({cfg.deploy.region}): {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(parser, argv, command, errors=(DeployError,))
 
 
 if __name__ == "__main__":

@@ -10,14 +10,18 @@ project tag; it stops by itself when it is done (Batch Transform bills only whil
 
 ``TransformWatcher`` is the seam around waiting for the job: moto completes every job at
 creation, so a failure is tested there.
+
+    python -m detkit.cloud.transform s3://bucket/in/ s3://bucket/out/ [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from detkit.cloud import aws
 from detkit.cloud.deploy import VARIANT, DeployError, describe_endpoint, resource_name
+from detkit.config.cli import command_parser, load, run_command
 
 
 class TransformWatcher:
@@ -59,14 +63,19 @@ def job_request(cfg, name: str, model: str, input_uri: str, output_uri: str) -> 
     return request
 
 
-def check_uris(s3, input_uri: str, output_uri: str) -> None:
+def check_form(input_uri: str, output_uri: str) -> None:
     for label, uri in (("INPUT", input_uri), ("OUTPUT", output_uri)):
         try:
             bucket, _ = aws.split_s3_uri(uri)
         except ValueError:
             bucket = ""
         if not bucket:
-            raise DeployError(f"{label}={uri}: expected s3://bucket/prefix")
+            raise DeployError(f"{label}={uri}: expected s3://bucket/prefix (Batch Transform reads and writes S3; "
+                              "local folders, both INPUT and OUTPUT: python -m detkit.serve.batch)")
+
+
+def check_uris(s3, input_uri: str, output_uri: str) -> None:
+    check_form(input_uri, output_uri)
     bucket, prefix = aws.split_s3_uri(input_uri)
     listed = aws.unless_missing(s3.list_objects_v2, "NoSuchBucket", Bucket=bucket, Prefix=prefix, MaxKeys=1)
     if listed is None:
@@ -102,21 +111,23 @@ def run(cfg, clients: dict[str, Any], input_uri: str, output_uri: str, watcher: 
                       f"aws sagemaker describe-transform-job --transform-job-name {name}")
 
 
-def main(input_uri: str, output_uri: str, overrides: list[str]) -> int:
-    """``detkit.serve.batch``'s S3 branch: exit status."""
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    parser = command_parser("detkit.cloud.transform", __doc__)
+    parser.add_argument("input", help="s3://bucket/prefix: each object under it is one request")
+    parser.add_argument("output", help="s3://bucket/prefix for the answers (<object key>.out)")
 
-    from detkit.config import ConfigError, load_config
+    def transform(args) -> None:
+        cfg = load(args).deploy
+        check_form(args.input, args.output)  # before any AWS client
+        try:
+            sagemaker, s3 = aws.clients(cfg.region, "sagemaker", "s3")
+            run(cfg, {"sagemaker": sagemaker, "s3": s3}, args.input, args.output,
+                TransformWatcher(sagemaker, cfg.transform.wait_minutes))
+        except aws.call_errors() as exc:
+            raise DeployError(f"AWS ({cfg.region}): {exc}") from None
 
-    try:
-        cfg = load_config(overrides=overrides).deploy
-        sagemaker, s3 = aws.clients(cfg.region, "sagemaker", "s3")
-        run(cfg, {"sagemaker": sagemaker, "s3": s3}, input_uri, output_uri,
-            TransformWatcher(sagemaker, cfg.transform.wait_minutes))
-    except (ConfigError, DeployError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except aws.call_errors() as exc:
-        print(f"error: AWS ({cfg.region}): {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(parser, argv, transform, errors=(DeployError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

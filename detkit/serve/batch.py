@@ -18,10 +18,11 @@ Images that already have their JSON (and PNG, with ``--draw``) are skipped, so a
 Bad files never stop the run. A reader thread reads and checks the next batch while the current
 one runs, and a writer thread writes the outputs.
 
-With an ``s3://`` INPUT and OUTPUT the images go to SageMaker Batch Transform instead (``detkit.cloud.transform``).
+INPUT and OUTPUT are local folders; ``s3://`` prefixes are SageMaker Batch Transform's
+(``python -m detkit.cloud.transform``, which `make batch` runs for them).
 
     python -m detkit.serve.batch INPUT OUTPUT [--export models/export/pet_object_detection] [--batch-size 16]
-        [--draw] [--min-score 0.3] [--top 5] [--set deploy.region=eu-west-1 ...]
+        [--draw] [--min-score 0.3] [--top 5] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from detkit.config import ConfigError, load_config
+from detkit.config.cli import command_parser, export_folder, fail, load, run_command
 from detkit.core import tflog
 from detkit.core.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, atomic_write_json, newest_version
 from detkit.data.labelmap import LabelMapError, read_label_map
@@ -486,10 +487,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detkit.serve.batch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", help="folder of images (searched recursively), or s3://bucket/prefix")
-    parser.add_argument("output", help="folder for the outputs (made if missing), or s3://bucket/prefix")
+    parser = command_parser("detkit.serve.batch", __doc__)
+    parser.add_argument("input", help="folder of images (searched recursively)")
+    parser.add_argument("output", help="folder for the outputs (made if missing)")
     parser.add_argument("--export", type=Path,
                         help="export folder <base>/<model_name>; its newest version runs "
                              "(default: models/export/<export.model_name>)")
@@ -499,34 +499,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="detections drawn (with --draw)")
     parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
                         help="lowest score drawn (with --draw); the JSON files hold every detection")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. deploy.region=eu-west-1 (repeatable)")
-    args = parser.parse_args(argv)
 
-    on_s3 = [uri.startswith("s3://") for uri in (args.input, args.output)]
-    if any(on_s3):
-        if not all(on_s3):
-            print(f"error: INPUT {args.input} and OUTPUT {args.output}: both must be s3:// (SageMaker Batch "
-                  "Transform) or both local folders", file=sys.stderr)
-            return 2
-        from detkit.cloud import transform  # SageMaker and boto3: only for S3 runs
-
-        return transform.main(args.input, args.output, args.set)
-
-    if tflog.VARIABLE not in os.environ:
-        # Undecodable images are expected here and reported per file; TensorFlow's C++ log lines
-        # for each failed decode would only repeat that.
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-
-    try:
-        export = args.export or Path("models/export") / load_config(overrides=args.set).export.model_name
-        summary = run(Path(args.input), Path(args.output), export, args.batch_size, args.draw, args.top,
+    def batch(args: argparse.Namespace) -> int:
+        on_s3 = [uri.startswith("s3://") for uri in (args.input, args.output)]
+        if all(on_s3):
+            return fail(f"INPUT {args.input} and OUTPUT {args.output}: s3:// prefixes are SageMaker Batch "
+                        "Transform's: python -m detkit.cloud.transform INPUT OUTPUT (make batch runs it for them)")
+        if any(on_s3):
+            return fail(f"INPUT {args.input} and OUTPUT {args.output}: both must be s3:// (SageMaker Batch "
+                        "Transform) or both local folders")
+        if args.overrides or not args.export:  # the config only where it has a say
+            args.export = args.export or export_folder(load(args))
+        if tflog.VARIABLE not in os.environ:
+            # Undecodable images are expected here and reported per file; TensorFlow's C++ log lines
+            # for each failed decode would only repeat that.
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        summary = run(Path(args.input), Path(args.output), args.export, args.batch_size, args.draw, args.top,
                       args.min_score)
-    except (BatchError, ConfigError, LabelMapError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print("\n".join(summary_lines(summary)))
-    return 0
+        print("\n".join(summary_lines(summary)))
+        return 0
+
+    return run_command(parser, argv, batch, errors=(BatchError, LabelMapError))
 
 
 if __name__ == "__main__":

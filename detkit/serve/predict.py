@@ -7,7 +7,10 @@ the container's ``/invocations`` (``make predict``), or sent with boto3's
 ``sagemaker-runtime invoke_endpoint`` (``make invoke``, ``detkit.cloud.deploy``).
 
     python -m detkit.serve.predict IMAGE [--url http://127.0.0.1:8080/invocations] \
-        [--export models/export/pet_object_detection] [--out IMAGE_detections.png]
+        [--export models/export/pet_object_detection] [--out IMAGE_detections.png] [KEY=VALUE ...]
+
+The classes are named by the newest label map under ``--export`` (default: the configured model's
+export folder, ``models/export/<export.model_name>``), or by ``--label-map``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from detkit.config.cli import command_parser, export_folder, fail, load, run_command
 from detkit.core.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, newest_version
 from detkit.data.labelmap import LabelMapError, read_label_map
 from detkit.eval.draw import PREDICTED, detection_labels, draw_boxes
@@ -118,7 +122,8 @@ def report(image_path: Path, image_bytes: bytes, prediction: dict[str, Any], lab
 def client_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that `make predict` and `make invoke` share."""
     parser.add_argument("image", type=Path, help="a JPEG, PNG or GIF file")
-    parser.add_argument("--export", type=Path, help="export folder <base>/<model_name>: its newest label map")
+    parser.add_argument("--export", type=Path, help="export folder <base>/<model_name>: its newest label map "
+                                                    "(default: models/export/<export.model_name>)")
     parser.add_argument("--label-map", type=Path, help="label_map.pbtxt (instead of --export)")
     parser.add_argument("--out", type=Path, help="image with boxes to write (default: <image>_detections.png)")
     parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="detections to print and draw")
@@ -130,30 +135,30 @@ def run_client(args: argparse.Namespace, send: Callable[[str], dict[str, Any]]) 
     try:
         data = args.image.read_bytes()
         Image.open(io.BytesIO(data)).verify()
-        label_map = read_label_map(args.label_map) if args.label_map else label_map_of(args.export) \
-            if args.export else {}
+        label_map = read_label_map(args.label_map) if args.label_map else label_map_of(args.export)
         answer = send(request_body([data]))
         out = args.out or args.image.with_name(f"{args.image.stem}_detections.png")
         report(args.image, data, answer["predictions"][0], label_map, out, args.top, args.min_score)
     except (UnidentifiedImageError, SyntaxError):  # before OSError: Pillow's "not an image" is one
-        print(f"error: {args.image}: not an image file", file=sys.stderr)
-        return 2
+        return fail(f"{args.image}: not an image file")
     except OSError as exc:
-        print(f"error: {args.image}: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"{args.image}: {exc}")
     except (PredictError, LabelMapError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(exc)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detkit.serve.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("detkit.serve.predict", __doc__)
     client_arguments(parser)
     parser.add_argument("--url", default=DEFAULT_URL, help=f"/invocations or :predict URL (default {DEFAULT_URL})")
-    args = parser.parse_args(argv)
-    return run_client(args, lambda body: post_json(args.url, body))
+
+    def predict(args: argparse.Namespace) -> int:
+        if args.overrides or not (args.export or args.label_map):  # the config only where it has a say
+            args.export = args.export or export_folder(load(args))
+        return run_client(args, lambda body: post_json(args.url, body))
+
+    return run_command(parser, argv, predict)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ ignored. It runs on gunicorn (threads: requests are served concurrently; TensorF
 the GIL while it computes).
 
     python -m detkit.serve.tfserving --rest_api_port=8501 --model_name=pet_object_detection \
-        --model_base_path=models/export/pet_object_detection
+        --model_base_path=models/export/pet_object_detection [KEY=VALUE ...]
+
+Without ``--model_name`` or ``--model_base_path`` it serves the configured model, ``export.model_name``
+from ``models/export/<export.model_name>``, with any config overrides applied.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 import numpy as np
 from flask import Flask, Response, request
 
+from detkit.config.cli import command_parser, export_folder, fail, load, run_command
 from detkit.core.fsio import newest_version
 
 log = logging.getLogger("tfserving")
@@ -463,12 +467,11 @@ def serve(model: ServedModel, host: str, port: int, threads: int, timeout_s: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m detkit.serve.tfserving", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("detkit.serve.tfserving", __doc__)
     # tensorflow_model_server's flags, so the container's entrypoint can start either.
     parser.add_argument("--rest_api_port", type=int, default=8501)
-    parser.add_argument("--model_name", required=True)
-    parser.add_argument("--model_base_path", type=Path, required=True)
+    parser.add_argument("--model_name", help="default: export.model_name")
+    parser.add_argument("--model_base_path", type=Path, help="default: models/export/<export.model_name>")
     parser.add_argument("--rest_api_num_threads", type=int, default=8)
     parser.add_argument("--rest_api_timeout_in_ms", type=int, default=60_000)
     parser.add_argument("--rest_api_host", default="127.0.0.1", help="stand-in only: address to bind")
@@ -476,19 +479,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batching_parameters_file", type=Path, help="BatchingParameters in text format")
     for ignored in ("--port", "--tensorflow_intra_op_parallelism", "--tensorflow_inter_op_parallelism"):
         parser.add_argument(ignored, nargs="?", const="true", help="accepted for compatibility, ignored here")
-    args = parser.parse_args(argv)
+    return run_command(parser, argv, serve_command)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    # The config only where it has a say: the container's entrypoint names the model, and no params.yaml is there.
+    if args.overrides or args.model_name is None or args.model_base_path is None:
+        cfg = load(args)
+        args.model_name = args.model_name or cfg.export.model_name
+        args.model_base_path = args.model_base_path or export_folder(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s tfserving %(levelname)s %(message)s")
     if not args.model_base_path.is_dir():
-        print(f"error: --model_base_path {args.model_base_path}: no such folder", file=sys.stderr)
-        return 2
+        return fail(f"--model_base_path {args.model_base_path}: no such folder")
     batching = None
     if args.enable_batching == "true":
         try:
             file = args.batching_parameters_file
             parameters = BatchingParameters.parse(file.read_text(), str(file)) if file else BatchingParameters()
         except (OSError, ValueError) as exc:
-            print(f"error: --batching_parameters_file: {exc}", file=sys.stderr)
-            return 2
+            return fail(f"--batching_parameters_file: {exc}")
         log.info("batching: %s", parameters)
         batching = BatchScheduler(parameters)
     model = ServedModel(args.model_name, args.model_base_path.resolve(), batching)
