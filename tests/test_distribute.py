@@ -178,9 +178,6 @@ def test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes(
     # would on a shared disk or in SageMaker's synced checkpoint folder).
     workers = start_workers(tmp_path, sample_records, overrides, [chief_dir, chief_dir], 48 // 4)
     chief_out, worker_out = finish(workers, tmp_path)
-    for output in (chief_out, worker_out):
-        assert "multi_worker strategy (2 workers, 2 replicas)" in output
-        assert f"resuming from {chief_dir / f'ckpt-{killed_at:07d}'} (step {killed_at} of 48)" in output
 
     # Both trained alike: every trainable weight and optimizer variable equal, tensor by tensor. The negative
     # control is in the same comparison: batch-norm moving statistics are not synchronised (each worker
@@ -190,6 +187,10 @@ def test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes(
     chief, worker = (training_state.load(tmp_path / f"state{index}.npz") for index in range(2))
     differ = training_state.differences(chief, worker)
     assert differ and all(re.search(r"/moving_(mean|variance)$", key) for key in differ), differ
+
+    for output in (chief_out, worker_out):
+        assert "multi_worker strategy (2 workers, 2 replicas)" in output
+        assert f"resuming from {chief_dir / f'ckpt-{killed_at:07d}'} (step {killed_at} of 48)" in output
     assert digests(chief_out) == digests(worker_out)  # and the line each worker prints says so
 
     from detkit.models import family as F
