@@ -161,6 +161,11 @@ def test_missing_records_exit_2(tmp_path, capsys):
     assert "label_map.pbtxt" in capsys.readouterr().err
 
 
+def test_git_revision_outside_a_git_checkout_is_unknown(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above it either
+    assert tracking.git_revision(tmp_path) == "unknown"
+
+
 def test_flatten_names_every_leaf():
     assert tracking.flatten({"a": {"b": 1, "c": [2, {"d": None}]}}) == {"a.b": "1", "a.c.0": "2", "a.c.1.d": "None"}
 
