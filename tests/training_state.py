@@ -13,9 +13,10 @@ import numpy as np
 
 def of(model) -> dict[str, np.ndarray]:
     """``weights <index> <path>`` (the model's weights in order, trainable or not) and
-    ``optimizer <index> <path>`` (its variables: the step counter and every slot)."""
+    ``optimizer <index> <name>`` (its variables: the step counter and every slot; by name, as the
+    optimizer's own name, its path's first part, is numbered per process by Keras)."""
     state = {f"weights {i:04d} {w.path}": np.array(w.numpy()) for i, w in enumerate(model.weights)}
-    state.update({f"optimizer {i:04d} {v.path}": np.array(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
+    state.update({f"optimizer {i:04d} {v.name}": np.array(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
     return state
 
 
