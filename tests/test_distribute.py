@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from detkit.train import distribute
+from tests import training_state
 from tests.repo_copy import activated_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 from detkit.config import load_config
 from stages import eval as evaluate, export, train
+from tests.training_state import Capture
 
 out, records = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = load_config(overrides=json.loads(sys.argv[3]))
@@ -46,11 +48,13 @@ class CrashAfter(keras.callbacks.Callback):
         if epoch + 1 == 3:
             raise Crash()
 
-try:
-    train.run(cfg, {"records": records}, paths, tracking_uri=f"sqlite:///{out}/mlflow.db", callbacks=[CrashAfter()])
+try:  # the state after step 2, whose checkpoint is written, then a crash after step 3
+    train.run(cfg, {"records": records}, paths, tracking_uri=f"sqlite:///{out}/mlflow.db",
+              callbacks=[Capture(stop=2, path=out / "at_checkpoint.npz"), CrashAfter()])
 except Crash:
     pass
-summary = train.run(cfg, {"records": records}, paths, tracking_uri=f"sqlite:///{out}/mlflow.db")
+summary = train.run(cfg, {"records": records}, paths, tracking_uri=f"sqlite:///{out}/mlflow.db",
+                    callbacks=[Capture(path=out / "at_resume.npz")])
 metrics = evaluate.run(cfg, {"records": records, "checkpoints": paths["checkpoints"]},
                        {"metrics": out / "metrics", "plots": out / "plots"})["metrics"]
 exported = export.run(cfg, {"records": records, "checkpoints": paths["checkpoints"]}, {"export": out / "export"})
@@ -74,6 +78,10 @@ def test_mixed_precision_and_mirrored_strategy_train_resume_evaluate_and_export_
     assert "train: mirrored strategy (2 replicas), mixed_float16" in done.stdout
     result = result_line(done.stdout)
     assert result["summary"]["resumed"] and result["summary"]["start_step"] == 2
+    # Resumed with every weight and optimizer variable (loss scale included) as they were after step 2.
+    at_checkpoint, at_resume = (training_state.load(tmp_path / name) for name in ("at_checkpoint.npz", "at_resume.npz"))
+    assert [key for key in at_resume if key.endswith("_momentum")] and [key for key in at_resume if "scale" in key]
+    assert training_state.differences(at_checkpoint, at_resume) == []
     assert result["policy"] == "float32"  # the stage leaves the process as it found it
 
     rows = (tmp_path / "train_log.csv").read_text().splitlines()[1:]
@@ -100,9 +108,25 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_workers(tmp_path: Path, records: Path, overrides: list[str],
-                  checkpoints: list[Path]) -> list[subprocess.Popen]:
-    """Two ``python -m stages.train`` processes, worker 0 (the chief) and worker 1, joined by TF_CONFIG."""
+# A worker: the train stage's command line (sys.argv[3:]), as `python -m stages.train` runs it, with a
+# callback that saves this worker's state after the last stop (sys.argv[2]) to sys.argv[1]: only the
+# chief writes anything of its own, yet the test compares what both trained.
+WORKER_SCRIPT = """
+import sys
+from stages import train
+from tests.training_state import Capture
+
+capture = Capture(stop=int(sys.argv[2]), path=sys.argv[1])
+stage_run = train.run
+train.run = lambda *args, **options: stage_run(*args, callbacks=[capture], **options)
+sys.exit(train.main(sys.argv[3:]))
+"""
+
+
+def start_workers(tmp_path: Path, records: Path, overrides: list[str], checkpoints: list[Path],
+                  last_stop: int) -> list[subprocess.Popen]:
+    """Two train stage processes, worker 0 (the chief) and worker 1, joined by TF_CONFIG; each saves its
+    state after stop ``last_stop`` to ``tmp_path / state<index>.npz``."""
     hosts = [f"127.0.0.1:{port}" for port in free_ports(2)]
     workers = []
     for index in range(2):
@@ -111,7 +135,8 @@ def start_workers(tmp_path: Path, records: Path, overrides: list[str],
                             MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", DVC_ROOT=str(REPO))
         log = open(tmp_path / f"worker{index}.out", "a")
         workers.append(subprocess.Popen(
-            [sys.executable, "-m", "stages.train", "--records", str(records), "--checkpoints", str(checkpoints[index]),
+            [sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / f"state{index}.npz"), str(last_stop),
+             "--records", str(records), "--checkpoints", str(checkpoints[index]),
              "--log", str(tmp_path / f"w{index}" / "train_log.csv"),
              "--val-log", str(tmp_path / f"w{index}" / "val_log.csv"), *overrides],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
@@ -135,7 +160,7 @@ def digests(output: str) -> str:
 def test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes(tmp_path, sample_records):
     overrides = [*TINY, "train.steps=48", "train.checkpoint_every=4", "train.log_every=4", "train.distribute=auto"]
     chief_dir, worker_dir = tmp_path / "chief", tmp_path / "worker"
-    workers = start_workers(tmp_path, sample_records, overrides, [chief_dir, worker_dir])
+    workers = start_workers(tmp_path, sample_records, overrides, [chief_dir, worker_dir], 48 // 4)
     deadline = time.time() + 600
     while time.time() < deadline and (json.loads((chief_dir / "checkpoint.json").read_text())["step"]
                                       if (chief_dir / "checkpoint.json").is_file() else 0) < 8:
@@ -151,23 +176,55 @@ def test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes(
 
     # Re-run: both resume from the chief's checkpoint (worker 1 reads the chief's folder, as it
     # would on a shared disk or in SageMaker's synced checkpoint folder).
-    workers = start_workers(tmp_path, sample_records, overrides, [chief_dir, chief_dir])
+    workers = start_workers(tmp_path, sample_records, overrides, [chief_dir, chief_dir], 48 // 4)
     chief_out, worker_out = finish(workers, tmp_path)
+
+    # Both trained alike: every trainable weight and optimizer variable equal, tensor by tensor. The negative
+    # control is in the same comparison: batch-norm moving statistics are not synchronised (each worker
+    # updates its own from its own batches), and they differ, so the workers did read different data and
+    # the comparison does tell different tensors apart: the equal ones are equal because each step's
+    # gradients were combined across the workers.
+    chief, worker = (training_state.load(tmp_path / f"state{index}.npz") for index in range(2))
+    differ = training_state.differences(chief, worker)
+    assert differ and all(re.search(r"/moving_(mean|variance)$", key) for key in differ), differ
+
     for output in (chief_out, worker_out):
         assert "multi_worker strategy (2 workers, 2 replicas)" in output
         assert f"resuming from {chief_dir / f'ckpt-{killed_at:07d}'} (step {killed_at} of 48)" in output
-    assert digests(chief_out) == digests(worker_out)  # identical trainable weights on both workers
+    assert digests(chief_out) == digests(worker_out)  # and the line each worker prints says so
 
-    from detkit.config import load_config
     from detkit.models import family as F
 
     _, final, info = F.load_trained(chief_dir / "final")
-    as_trained = F.build(load_config(overrides=overrides).model, 37, None).model  # same trainable set as in training
-    as_trained.set_weights(final.get_weights())
-    assert info["step"] == 48 and distribute.weights_digest(as_trained) == digests(chief_out)
+    assert info["step"] == 48
+    assert training_state.differences(dict(enumerate(final.get_weights())),
+                                      dict(enumerate(training_state.weights(chief)))) == []  # the chief's
     assert not (tmp_path / "w1").exists()
     rows = (tmp_path / "w0" / "train_log.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(4, 49, 4))
+
+
+def test_weights_digest_changes_with_any_trainable_weight_and_ignores_moving_statistics():
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(2)])
+    digest = distribute.weights_digest(model)
+    assert re.fullmatch(r"[0-9a-f]{16}", digest)
+    twin = keras.models.clone_model(model)  # other variables, freshly initialised...
+    assert distribute.weights_digest(twin) != digest
+    twin.set_weights(model.get_weights())  # ...then holding the same values
+    assert distribute.weights_digest(twin) == digest
+    for weight in model.weights:  # the smallest change of one element: seen in every trainable weight only
+        saved = weight.numpy()
+        changed = saved.copy()
+        changed.flat[-1] = np.nextafter(changed.flat[-1], np.float32(np.inf))
+        weight.assign(changed)
+        assert (distribute.weights_digest(model) != digest) is weight.trainable, weight.path
+        weight.assign(saved)
+    assert {w.path.rsplit("/", 1)[1] for w in model.non_trainable_weights} == {"moving_mean", "moving_variance"}
 
 
 def test_auto_picks_multi_worker_only_when_tf_config_names_two_workers():

@@ -5,9 +5,11 @@ model.tar.gz is made beforehand the way the job makes it: the code archive the r
 extracted as SageMaker's toolkit extracts it, its entry point run under the simulated training
 contract of tests/test_training_contract.py, and the model folder tarred; then it is put where
 SageMaker writes it (``<S3OutputPath>/<job name>/output/model.tar.gz``), and what that run printed
-is put into moto's CloudWatch Logs as SageMaker's log agent sends a job's output. moto also has
-no ``stop_training_job``, and its jobs never fail or train for a while: both go through the
-module's one seam, ``JobWatcher``, subclassed here."""
+is put into moto's CloudWatch Logs as SageMaker's log agent sends a job's output. moto's jobs never
+fail or train for a while: a job that fails goes through the module's one seam, ``JobWatcher``,
+subclassed here, and a job still running is one whose status is set in moto's own backend (the
+server runs in this process). moto has no ``stop_training_job``: that request is captured at the
+botocore client, as sent, and given SageMaker's answer there."""
 
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ import re
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
+from botocore.awsrequest import AWSResponse
 
 from detkit.cloud import aws
 from detkit.cloud import training_contract as T
@@ -93,6 +97,41 @@ def put_artifact(s3, cfg, fp: str, data: bytes) -> str:
     name = S.job_name(cfg.compute, fp, 1)
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/jobs/{name}/output/model.tar.gz", Body=data)
     return name
+
+
+def on_client_events(monkeypatch, handlers: dict[str, Callable]) -> None:
+    """Register botocore event ``handlers`` on every session the code under test makes its clients from."""
+
+    def session(region, made=aws.session):
+        new = made(region)
+        for event, handler in handlers.items():
+            new.events.register(event, handler)
+        return new
+
+    monkeypatch.setattr(aws, "session", session)
+
+
+class Body:
+    """An HTTP response body as botocore reads it."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def stream(self, **_):
+        yield self.data
+
+
+def moto_training_job(name: str):
+    """The job in moto's backend (its server runs in this process), whose status a test may set."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.sagemaker.models import sagemaker_backends
+
+    return sagemaker_backends[DEFAULT_ACCOUNT_ID][REGION].training_jobs[name]
+
+
+def first_job_name(cfg, fp: str) -> str:
+    """``<compute.base_job_name>-<fingerprint[:12]>-1``: attempt 1 of this training."""
+    return f"{cfg.compute.base_job_name}-{fp[:12]}-1"
 
 
 def tree_digest(root: Path) -> str:
@@ -208,8 +247,7 @@ def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_w
     tracked = MlflowClient(run_file["tracking_uri"])
     mlflow_run = tracked.get_run(run_file["run_id"])
     assert mlflow_run.data.tags["sagemaker_job_name"] == name and mlflow_run.info.status == "FINISHED"
-    assert len(tracked.get_metric_history(run_file["run_id"], "loss")) == len(CK.read_log(repo / "plots" /
-                                                                                      "train_log.csv"))
+    assert sorted(m.step for m in tracked.get_metric_history(run_file["run_id"], "loss")) == [1, 2, 3, 4, 5, 6]
 
     # Another train param, the same records: a new job, no records uploaded.
     # It evaluates every 3 steps: its val lines come through the logs.
@@ -238,14 +276,8 @@ def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_w
     s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/jobs/{name_2}/output/model.tar.gz", Body=artifact)
     # moto describes a job with MetricDefinitions of its own: what is sent is read off the request.
     sent = []
-
-    def recording(region, session=aws.session):
-        made = session(region)
-        made.events.register("provide-client-params.sagemaker.CreateTrainingJob",
-                             lambda params, **_: sent.append(params))
-        return made
-
-    monkeypatch.setattr(aws, "session", recording)
+    on_client_events(monkeypatch, {"provide-client-params.sagemaker.CreateTrainingJob":
+                                   lambda params, **_: sent.append(params)})
     retrained = S.run(cfg, {"records": records}, outputs(tmp_path / "again"))
     assert not retrained["reused"] and retrained["job_name"] == name_2
     assert sagemaker.describe_training_job(TrainingJobName=name_2)["CheckpointConfig"] == job["CheckpointConfig"]
@@ -319,18 +351,6 @@ class TrainingWatcher(FailingWatcher):
     logged = stage_logs()
 
 
-class InterruptedWatcher(S.JobWatcher):
-    """Ctrl-C while waiting; stop requests are recorded (moto has no stop_training_job)."""
-
-    stopped: list[str] = []
-
-    def describe(self, name):
-        raise KeyboardInterrupt
-
-    def stop(self, name):
-        self.stopped.append(name)
-
-
 def test_a_failed_job_fails_with_its_reason_and_leaves_the_previous_model(aws_clients, sample_records, tmp_path,
                                                                           capsys):
     cfg = load_config(overrides=[*QUICK, "compute=sagemaker"])
@@ -365,16 +385,87 @@ def test_while_waiting_the_stage_prints_the_jobs_status_and_its_own_lines_from_t
     assert waited == expected
 
 
-def test_ctrl_c_while_waiting_requests_a_stop_and_leaves_the_previous_model(aws_clients, sample_records, tmp_path,
-                                                                            capsys):
+def test_ctrl_c_while_waiting_stops_the_job_and_leaves_the_previous_model(aws_clients, moto_url, sample_records,
+                                                                         tmp_path, capsys, monkeypatch):
     cfg = load_config(overrides=[*QUICK, "compute=sagemaker"])
     paths = previous_outputs(tmp_path / "previous")
     before = tree_digest(tmp_path / "previous")
-    InterruptedWatcher.stopped.clear()
+    stops = []
+
+    def ctrl_c(**_):  # pressed while the stage asks SageMaker for the job's status
+        raise KeyboardInterrupt
+
+    def answer_stop(request, **_):  # moto has none: keep the request as sent, answer as SageMaker does
+        stops.append(request)
+        return AWSResponse(request.url, 200, {"Content-Type": "application/x-amz-json-1.1"}, Body(b"{}"))
+
+    on_client_events(monkeypatch, {"before-call.sagemaker.DescribeTrainingJob": ctrl_c,
+                                   "before-send.sagemaker.StopTrainingJob": answer_stop})
     with pytest.raises(KeyboardInterrupt):
-        S.run(cfg, {"records": sample_records}, paths, watcher=InterruptedWatcher)
-    name = S.job_name(cfg.compute, CK.fingerprint(cfg, sample_records, None), 1)
-    assert InterruptedWatcher.stopped == [name]
+        S.run(cfg, {"records": sample_records}, paths)
+    name = first_job_name(cfg, CK.fingerprint(cfg, sample_records, None))
+    (stop,) = stops
+    target = stop.headers["X-Amz-Target"]
+    assert (target.decode() if isinstance(target, bytes) else target) == "SageMaker.StopTrainingJob"
+    assert json.loads(stop.body) == {"TrainingJobName": name} and stop.url.startswith(moto_url)
     assert f"train: stop requested for job {name}" in capsys.readouterr().out
     assert tree_digest(tmp_path / "previous") == before
     assert not list((tmp_path / "previous").glob(".checkpoints.tmp-*"))
+
+
+def published_model(fp: str) -> bytes:
+    """A model.tar.gz in the layout a job publishes (detkit.cloud.training_contract): the two logs,
+    the checkpoint index and the checkpoint it names, final/."""
+    files = {CK.TRAIN_LOG: b"step,loss,box_loss,class_loss,learning_rate\n6,0.5,0.2,0.3,0.001\n",
+             CK.VAL_LOG: b"step,AP,AP50,AP75\n",
+             CK.INDEX: json.dumps({"latest": "ckpt-0000006", "step": 6, "fingerprint": fp}).encode(),
+             "ckpt-0000006/state.json": json.dumps({"step": 6, "fingerprint": fp}).encode(),
+             f"{CK.FINAL}/detkit.json": b'{"step": 6}'}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("running, secondary, ends", [("InProgress", "Training", "Completed"),
+                                                      ("Stopping", "Stopping", "Stopped")])
+def test_a_rerun_waits_for_the_attempt_still_running_for_the_same_training(running, secondary, ends, aws_clients,
+                                                                           sample_records, tmp_path, capsys,
+                                                                           monkeypatch):
+    s3, sagemaker = aws_clients
+    cfg = load_config(overrides=[*QUICK, "compute=sagemaker", "compute.poll_seconds=1"])
+    fp = CK.fingerprint(cfg, sample_records, None)
+    name = first_job_name(cfg, fp)
+    # An earlier run started attempt 1 of this training (the request it sends), and the job still runs.
+    sagemaker.create_training_job(**S.job_request(cfg, name, fp, {"records": f"s3://{BUCKET}/{PREFIX}/records/"},
+                                                  f"s3://{BUCKET}/{PREFIX}/sourcedir.tar.gz", "earlier-run"))
+    job = moto_training_job(name)
+    job.training_job_status, job.secondary_status = running, secondary
+    s3.put_object(Bucket=BUCKET, Key=f"{PREFIX}/jobs/{name}/output/model.tar.gz", Body=published_model(fp))
+    created = []
+
+    def ends_after_this_poll(**_):
+        job.training_job_status = job.secondary_status = ends
+
+    on_client_events(monkeypatch, {"provide-client-params.sagemaker.CreateTrainingJob":
+                                   lambda params, **_: created.append(params),
+                                   "after-call.sagemaker.DescribeTrainingJob": ends_after_this_poll})
+    paths = previous_outputs(tmp_path / "previous")
+    before = tree_digest(tmp_path / "previous")
+    if ends == "Completed":
+        summary = S.run(cfg, {"records": sample_records}, paths)
+        assert summary["job_name"] == name and not summary["reused"]
+        assert json.loads((paths["checkpoints"] / CK.FINAL / "detkit.json").read_text()) == {"step": 6}
+        assert [row["step"] for row in CK.read_log(paths["log"])] == [6]
+    else:
+        with pytest.raises(S.TrainingJobError, match=f"job {name} ended Stopped"):
+            S.run(cfg, {"records": sample_records}, paths)
+        assert tree_digest(tmp_path / "previous") == before
+    assert created == [] and [j["TrainingJobName"] for j in sagemaker.list_training_jobs()["TrainingJobSummaries"]] \
+        == [name]  # no other attempt started
+    out = capsys.readouterr().out
+    assert (f"train: job {name} is already training these params and data ({running}): waiting for it\n"
+            f"train: job {name}: {secondary}\ntrain: job {name}: {ends}\n") in out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -86,13 +88,34 @@ def test_boxes_and_labels_match_xml_and_label_map(examples, sample_raw, sample_r
     assert checked == len(examples)
 
 
-def test_split_is_the_pets_tools_seeded_70_30(examples, sample_raw, cfg):
-    rows, _, _ = annotations.list_pets(sample_raw)
-    train, val = annotations.split_rows(rows, cfg.split.train_fraction, cfg.split.seed)
-    assert len(train) == int(0.7 * len(rows))
-    by_split = {"train": {f"{s}.jpg" for s, _ in train}, "val": {f"{s}.jpg" for s, _ in val}}
-    for name, (split, _) in examples.items():
-        assert name in by_split[split], name
+# The val list of the embedded sample under the Pets tool's split, pinned: sha256 of its stems in order,
+# newline-joined. Derived once with pets_tool_split below (the tool's own steps, not detkit's code).
+SAMPLE_VAL_SHA256 = "a4f37dc12d0d1357662a34d139a5443811905c627f455f1482ac8a53feb8a481"
+
+
+UNUSABLE = {stem for quirk in ("truncated", "corrupt", "no_xml") for stem in QUIRKS[quirk]}  # the sample's
+
+
+def pets_tool_split(raw):
+    """The TF OD API's create_pet_tf_record.py, step by step: read_examples_list (each line's first
+    word), random.seed(42), random.shuffle, the first int(0.7 * n) to train, the rest to val."""
+    lines = (raw / "annotations" / "trainval.txt").read_text().splitlines(keepends=True)
+    examples = [line.strip().split(" ")[0] for line in lines]
+    state = random.getstate()  # the tool seeds the global generator; leave it as the other tests found it
+    random.seed(42)
+    random.shuffle(examples)
+    random.setstate(state)
+    num_train = int(0.7 * len(examples))
+    return examples[:num_train], examples[num_train:]
+
+
+def test_split_is_the_pets_tools_seeded_70_30(examples, sample_raw):
+    train, val = pets_tool_split(sample_raw)
+    assert (len(train), len(val)) == (314, 135)
+    assert hashlib.sha256("\n".join(val).encode()).hexdigest() == SAMPLE_VAL_SHA256
+    for split, stems in (("train", train), ("val", val)):  # every row but the sample's unusable files
+        written = sorted(name.rsplit(".", 1)[0] for name, (s, _) in examples.items() if s == split)
+        assert written == sorted(set(stems) - UNUSABLE), split
 
 
 def entries(stats, kind):
@@ -235,16 +258,13 @@ def test_process_pool_writes_what_one_process_writes(sample_raw, cfg, tmp_path):
 
 def test_shards_take_rows_round_robin_like_the_pets_tool(sample_raw, sample_records, stats, cfg):
     # create_pet_tf_record writes row i to shard i % num_shards, counting rows it skips.
-    rows, _, _ = annotations.list_pets(sample_raw)
-    skipped = {entry["file"].split("/")[1].split(".")[0] for entry in stats["skipped"]}
     spec = feature_spec()
-    splits = annotations.split_rows(rows, cfg.split.train_fraction, cfg.split.seed)
-    for split, split_rows in zip(("train", "val"), splits):
+    for split, split_stems in zip(("train", "val"), pets_tool_split(sample_raw)):
         count = cfg.tfrecord[f"{split}_shards"]
         for number, name in enumerate(stats["splits"][split]["shards"]):
             stems = [tf.io.parse_single_example(r, spec)["image/filename"].numpy().decode().split(".")[0]
                      for r in tf.data.TFRecordDataset(str(sample_records / name))]
-            expected = [stem for i, (stem, _) in enumerate(split_rows) if i % count == number and stem not in skipped]
+            expected = [stem for i, stem in enumerate(split_stems) if i % count == number and stem not in UNUSABLE]
             assert stems == expected, name
 
 

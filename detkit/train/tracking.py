@@ -5,9 +5,10 @@ DVC experiments, which run in a temporary copy, log to the same store), artifact
 database in ``mlruns/``, experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``pets``.
 
 One run per training, continued on resume: every param (flattened, ``model.anchors.num_scales``),
-tags ``dvc_exp_name`` (``$DVC_EXP_NAME``), ``git_revision``, ``stage``, ``model``, ``dataset``;
-metrics per step (sent in batches, so a step is logged once). ``mlflow_run.json`` in the
-checkpoints folder names the run, so eval logs into the same one.
+tags ``dvc_exp_name`` (``$DVC_EXP_NAME``), ``git_revision`` and ``mlflow.source.git.commit`` (the
+repository root's HEAD commit; ``unknown`` outside a git checkout), ``stage``, ``model``, ``dataset``;
+metrics per step (sent in batches, so a step is logged once). ``mlflow_run.json`` in the checkpoints
+folder names the run, so eval logs into the same one.
 """
 
 from __future__ import annotations
