@@ -68,6 +68,12 @@ def demo_repo(demo_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def version_1(demo_repo) -> Path:
+    """The demo's export (its first version)."""
+    return demo_repo / "models" / "export" / "pet_object_detection" / "1"
+
+
+@pytest.fixture(scope="session")
 def served(demo_repo):
     """The demo's export served as `make serve` does: entrypoint + nginx + TF Serving stand-in."""
     from tests.serving import ServingStack
