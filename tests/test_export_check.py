@@ -198,3 +198,15 @@ def test_check_passes_on_a_model_whose_scores_are_all_tied(trained, tmp_path, va
         layer.bias.assign(bias)
     assert result["passed"], result
     assert result["matched"] == 4 * 100  # 100 detections per image, all with score 0.5
+
+
+@pytest.mark.slow
+def test_check_fails_when_a_signature_is_not_the_contracts(trained, version_1, val_examples):
+    fam, detector, info = trained
+    reference = family.detection_function(fam, detector, info["image_size"], info["detection"], 100)
+    result = export_check.check_export(version_1, reference, info["image_size"], info["detection"],
+                                       [val_examples[0]["encoded"]], tolerance=TOLERANCE, max_detections=20,
+                                       signatures=["serving_default"])
+    assert result["mismatched"] == 0 and export_check.parity(result)  # the detections agree,
+    assert not result["passed"]  # but saved_model_cli shows 100 detections where the contract says 20
+    assert result["signatures"]["serving_default"]["matches_contract"] is False
