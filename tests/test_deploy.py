@@ -10,16 +10,20 @@ import copy
 import json
 import re
 import shutil
+import subprocess
 
 import pytest
 import requests
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
+from PIL import Image
 
 from detkit.cloud import deploy
 from detkit.config import load_config
 from detkit.data.labelmap import read_label_map
+from detkit.eval.draw import PREDICTED
 from detkit.serve.predict import request_body
+from tests.drawing import changed_elsewhere, outline_share
 from tests.moto_server import moto_server
 from tests.repo_copy import make
 
@@ -123,6 +127,7 @@ class SageMakerUpdates:
 
 
 ALARMS = ["pet-object-detection-5xx-errors", "pet-object-detection-model-latency"]
+PROJECT_TAG = {"Key": "project", "Value": "pet-object-detection"}
 # The DeploymentConfig of conf/deploy/sagemaker.yaml's rollout: a canary of half the capacity.
 CANARY = {
     "BlueGreenUpdatePolicy": {
@@ -175,12 +180,18 @@ def settings_for(packaged, *overrides, tag="rev1"):
     return deploy.Settings(cfg.deploy, cfg.export.model_name, cfg.model.serving_gib, context, metrics, archive)
 
 
-def test_first_deploy_creates_repository_model_config_and_endpoint(aws, packaged, switch, capsys):
+def test_first_deploy_creates_repository_model_config_and_endpoint(aws, packaged, updates, switch, capsys):
     sagemaker, ecr = aws["sagemaker"], aws["ecr"]
     docker = RecordingDocker()
     result = deploy.deploy(settings_for(packaged), aws, docker, switch)
     repository = ecr.describe_repositories(repositoryNames=["pet-object-detection"])["repositories"][0]
     assert repository["imageTagMutability"] == "IMMUTABLE"
+    assert repository["imageScanningConfiguration"] == {"scanOnPush": True}
+    assert PROJECT_TAG in ecr.list_tags_for_resource(resourceArn=repository["repositoryArn"])["tags"]
+    arns = [sagemaker.describe_model(ModelName=result["model"])["ModelArn"],
+            sagemaker.describe_endpoint_config(EndpointConfigName=result["config"])["EndpointConfigArn"],
+            sagemaker.describe_endpoint(EndpointName="pet-object-detection")["EndpointArn"]]
+    assert all(PROJECT_TAG in sagemaker.list_tags(ResourceArn=arn)["Tags"] for arn in arns)
     image = f"{repository['repositoryUri']}:rev1"
     assert docker.calls == [("build", image), ("login", "https://123456789012.dkr.ecr.us-east-1.amazonaws.com", "AWS"),
                             ("push", image)]
@@ -197,7 +208,15 @@ def test_first_deploy_creates_repository_model_config_and_endpoint(aws, packaged
     out = capsys.readouterr().out
     assert "serving: batches of up to 16 images on 2 batch threads: about 6.3 GiB of ml.m5.large's 8 GiB" in out
     assert "make invoke IMAGE=" in out and "$0.115/hour" in out and "make undeploy" in out
+    assert "price: ml.m5.large at $0.115/hour (us-east-1 list price) x 1 = $0.12/hour, about $83/month" in out
     assert "testing" not in out  # no credential is ever printed
+
+    # What the push left in ECR; then the same tag again: an update, no new image.
+    ecr.put_image(repositoryName="pet-object-detection", imageTag="rev1", imageManifest=json.dumps(
+        {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json", "layers": []}))
+    again = deploy.deploy(settings_for(packaged), aws, docker, switch)
+    assert f"deploy: {image} is already in ECR (tags are immutable): not rebuilt" in capsys.readouterr().out
+    assert len(docker.calls) == 3 and updates.requests == [update_request(again["config"])]
 
 
 def test_aws_image_deploy_needs_no_docker_and_uploads_the_archive_once(aws, packaged, updates, switch, capsys):
@@ -472,5 +491,71 @@ def test_make_invoke_sends_the_rest_body_and_reports(aws, moto_url, demo_repo, s
     assert result.returncode == 0, result.stdout + result.stderr
     label_map = read_label_map(demo_repo / "data" / "records" / "label_map.pbtxt")
     assert result.stdout.splitlines()[1].split()[0] == label_map[example["labels"][0]]
-    assert (tmp_path / "pet_detections.png").is_file()
+    prediction = json.loads(answer)["predictions"][0]
+    count = int(prediction["num_detections"])
+    ranked = zip(prediction["detection_boxes"][:count], prediction["detection_scores"][:count])
+    boxes = [box for box, score in ranked if score >= 0.3][:5]
+    drawn = Image.open(tmp_path / "pet_detections.png")
+    assert boxes and [outline_share(drawn, box, [PREDICTED]) for box in boxes] == pytest.approx([1.0] * len(boxes),
+                                                                                                abs=0.1)
+    assert changed_elsewhere(Image.open(image), drawn, boxes) == 0
+
+
+def test_invoke_sends_the_rest_body_as_json_to_the_endpoint(aws, moto_url, monkeypatch, tmp_path, capsys):
+    sent = []
+
+    def recording(region, session=deploy.aws.session):
+        made = session(region)
+        made.events.register("provide-client-params.sagemaker-runtime.InvokeEndpoint",
+                             lambda params, **_: sent.append(dict(params)))
+        return made
+
+    monkeypatch.setattr(deploy.aws, "session", recording)
+    answer = {"predictions": [{"detection_boxes": [[0.1, 0.2, 0.6, 0.7]], "detection_classes": [2.0],
+                               "detection_scores": [0.9], "num_detections": 1.0}]}
+    requests.post(f"{moto_url}/moto-api/static/sagemaker/endpoint-results", timeout=10,
+                  json={"region": REGION, "results": [{"Body": json.dumps(answer), "ContentType": "application/json"}]})
+    image = tmp_path / "pet.png"
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(image)
+    assert deploy.main(["invoke", str(image)]) == 0
+    (request,) = sent
+    assert (request["EndpointName"], request["ContentType"]) == ("pet-object-detection", "application/json")
+    assert json.loads(request["Body"]) == json.loads(request_body([image.read_bytes()]))
+    assert "id 2 " in capsys.readouterr().out  # no --export: classes by id
+
+
+def test_a_refusal_is_one_error_line_and_exit_status_1(aws, packaged, capsys):
+    context, metrics, archive = packaged
+    status = deploy.main(["--set", "deploy.min_ap50=1.0", "--set", "deploy.image=aws", "deploy", "--context",
+                          str(context), "--archive", str(archive), "--metrics", str(metrics)])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: refused: val AP50 ")
+    assert aws["sagemaker"].list_models()["Models"] == []
+
+
+def test_names_are_sagemakers_and_the_image_tag_names_the_commit(tmp_path, monkeypatch):
+    name = deploy.resource_name("pet-object-detection", "feature/x_1.2" * 6)
+    assert len(name) == 63 and re.fullmatch(r"pet-object-detection-feature-x-1-2[a-zA-Z0-9-]*-\d{8}-\d{6}", name)
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    cfg = load_config().deploy
+    git("init", "-q")
+    (tmp_path / "model.txt").write_text("one\n")
+    git("add", "model.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "-c", "commit.gpgsign=false", "commit", "-qm", "one")
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    settings = deploy.Settings(cfg, "pet_object_detection", None, None, None)
+    revision = git("rev-parse", "--short=12", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked: not in the image's name\n")
+    assert deploy.image_tag(settings) == revision
+    (tmp_path / "model.txt").write_text("two\n")
+    assert re.fullmatch(rf"{revision}-dirty-\d{{14}}", deploy.image_tag(settings))
+
+
+def test_an_update_waits_as_long_as_its_rollout_may_take(packaged):
+    assert deploy.update_wait_minutes(settings_for(packaged).cfg) == 60  # rollout.max_execution_timeout_s 3600
+    assert deploy.update_wait_minutes(settings_for(packaged, "deploy.wait_minutes=90").cfg) == 90
 
