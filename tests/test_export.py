@@ -100,23 +100,23 @@ def test_a_failed_check_fails_the_stage_keeps_the_version_marked_failed_and_depl
     monkeypatch.setattr(signatures, "write_savedmodel", drifting)
     inputs = stage_inputs(demo_repo)
     status = export.main(["--checkpoints", str(inputs["checkpoints"]), "--records", str(inputs["records"]),
-                          "--out", str(out), "dataset=sample", "export.check_images=4"])
+                          "--out", str(out), "dataset=sample", "export.check_images=4", "export.version=7"])
     printed = capsys.readouterr()
-    version = out / "pet_object_detection" / "2"
+    version = out / "pet_object_detection" / "7"  # the number asked for
     assert status == 2
     assert printed.err.splitlines() == [f"error: {version / 'assets.extra' / 'export_check.json'}: the export "
                                         "check failed; the version is kept for inspection and make deploy refuses it"]
     assert re.search(r"export check FAILED on 4 val images: \d+ detections match .*, [1-9]\d* mismatched", printed.out)
     check = json.loads((version / "assets.extra" / "export_check.json").read_text())
-    assert check["passed"] is False and check["mismatched"] > 0 and check["version"] == 2
+    assert check["passed"] is False and check["mismatched"] > 0 and check["version"] == 7
     assert (version / "saved_model.pb").is_file()
 
     cfg = load_config(overrides=["dataset=sample"])
     context, archive = tmp_path / "build" / "serving", tmp_path / "build" / "model.tar.gz"
     manifest = package.run(cfg, {"export": out, "serving": ROOT / "serving"}, {"context": context, "archive": archive})
-    assert manifest["version"] == 2 and manifest["export_check_passed"] is False
+    assert manifest["version"] == 7 and manifest["export_check_passed"] is False  # the newest
     settings = deploy.Settings(cfg.deploy, cfg.export.model_name, cfg.model.serving_gib, context,
                                demo_repo / "metrics" / "eval.json", archive)
-    with pytest.raises(deploy.DeployError, match=r"refused: the export check of pet_object_detection version 2 "
-                                                 r"failed \(see .*/2/assets.extra/export_check.json\)"):
+    with pytest.raises(deploy.DeployError, match=r"refused: the export check of pet_object_detection version 7 "
+                                                 r"failed \(see .*/7/assets.extra/export_check.json\)"):
         deploy.quality_gate(settings)

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from detkit.data.labelmap import read_label_map
 from detkit.models import family
 from detkit.serve import signatures
 from detkit.train.checkpoints import FINAL
@@ -92,3 +93,34 @@ def test_an_image_over_the_pixel_limit_is_refused_and_the_next_call_answers(serv
         serving_default(inputs=tf.constant([good, png_declaring(20000, 20000)]))
     got = serving_default(inputs=tf.constant([good]))
     assert got["num_detections"].numpy()[0] > 0
+
+
+def encoded_as(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_serving_default_answers_as_docs_export_md_says(serving_default, version_1, val_examples):
+    label_map = read_label_map(version_1 / "assets.extra" / "label_map.pbtxt")
+    jpeg = val_examples[0]["encoded"]
+    pixels = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    wide = pixels.resize((pixels.width * 2, pixels.height))  # another size and aspect: boxes stay normalised
+    lossless = [encoded_as(pixels, "PNG"), encoded_as(pixels, "BMP"), encoded_as(pixels, "WEBP", lossless=True)]
+    got = {k: v.numpy() for k, v in serving_default(inputs=tf.constant([jpeg, *lossless,
+                                                                          encoded_as(wide, "PNG")])).items()}
+    assert got["detection_boxes"].shape == (5, 100, 4) and got["num_detections"].shape == (5,)
+    for i, count in enumerate(got["num_detections"].astype(int)):
+        boxes, scores, classes = got["detection_boxes"][i], got["detection_scores"][i], got["detection_classes"][i]
+        assert 0 < count <= 100
+        assert np.all((boxes[:count] >= 0) & (boxes[:count] <= 1))
+        assert np.all(boxes[:count, 2] >= boxes[:count, 0]) and np.all(boxes[:count, 3] >= boxes[:count, 1])
+        assert np.all(np.diff(scores[:count]) <= 0) and np.all((scores[:count] > 0) & (scores[:count] <= 1))
+        assert set(classes[:count]) <= set(map(float, label_map))  # 1-based label-map ids, as floats
+        assert not boxes[count:].any() and not scores[count:].any() and not classes[count:].any()
+    for i in (2, 3):  # the same pixels in PNG, BMP and lossless WebP: the same answer
+        for key in ("detection_boxes", "detection_scores", "detection_classes", "num_detections"):
+            np.testing.assert_array_equal(got[key][i], got[key][1], err_msg=key)
+    for i in (0, 4):  # TensorFlow's JPEG decoder, and a stretched copy: the same best detection
+        assert got["detection_classes"][i][0] == got["detection_classes"][1][0] == val_examples[0]["labels"][0]
+        np.testing.assert_allclose(got["detection_boxes"][i][0], got["detection_boxes"][1][0], atol=0.02)
