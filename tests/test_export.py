@@ -4,7 +4,6 @@ marked failed, and deploy refuses it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,31 +16,15 @@ from detkit.config import load_config
 from detkit.data.labelmap import read_label_map
 from detkit.serve import export_check, signatures
 from stages import export, package
+from tests.conftest import tree_digest
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def stage_inputs(demo_repo: Path) -> dict[str, Path]:
     return {"checkpoints": demo_repo / "models" / "checkpoints", "records": demo_repo / "data" / "records"}
-
-
-@pytest.fixture(scope="module")
-def reexported(demo_repo, tmp_path_factory):
-    """The demo's export folder copied, then exported again with both extra signatures."""
-    out = tmp_path_factory.mktemp("export") / "export"
-    shutil.copytree(demo_repo / "models" / "export", out)
-    before = tree_digest(out / "pet_object_detection" / "1")
-    cfg = load_config(overrides=["dataset=sample", "export.extra_signatures=[image_tensor,tf_example]",
-                                 "export.max_detections=20"])
-    summary = export.run(cfg, stage_inputs(demo_repo), {"export": out})
-    return out, before, summary
 
 
 def test_layout_is_tf_servings_with_label_map_and_passed_check(demo_repo, version_1):

@@ -177,7 +177,6 @@ def test_check_fails_when_the_export_moves_every_box_past_the_tolerance(trained,
     result = check(version_1, moved_boxes, info, encoded)
     assert not result["passed"] and result["matched"] == 0 and result["near_tie_share"] == 1.0
     assert result["max_near_tie_share"] == export_check.MAX_NEAR_TIE_SHARE
-    assert check(version_1, model, info, encoded)["passed"]
 
 
 @pytest.mark.slow

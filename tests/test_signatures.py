@@ -15,9 +15,7 @@ import tensorflow as tf
 from PIL import Image
 
 from detkit.data.labelmap import read_label_map
-from detkit.models import family
 from detkit.serve import signatures
-from detkit.train.checkpoints import FINAL
 from tests.images import png_declaring
 
 pytestmark = pytest.mark.slow
@@ -26,13 +24,9 @@ ALL = ["serving_default", "image_tensor", "tf_example"]
 
 
 @pytest.fixture(scope="module")
-def every_signature(demo_repo, tmp_path_factory) -> Path:
-    """The demo's model written with all three signatures and 20 detections per image."""
-    fam, detector, info = family.load_trained(demo_repo / "models" / "checkpoints" / FINAL)
-    path = tmp_path_factory.mktemp("signatures") / "1"
-    signatures.write_savedmodel(fam, detector, info["image_size"], info["detection"], 20, path, ALL,
-                                max_pixels=25_000_000)
-    return path
+def every_signature(reexported) -> Path:
+    """The demo's model exported again with all three signatures and 20 detections per image."""
+    return reexported[0] / "pet_object_detection" / "2"
 
 
 @pytest.fixture(scope="module")
