@@ -58,8 +58,11 @@ def test_reexport_adds_a_version_and_leaves_the_old_one(reexported):
     checked = summary["check"]["signatures"]
     assert sorted(checked) == ["image_tensor", "serving_default", "tf_example"]
     assert all(entry["matches_contract"] for entry in checked.values())
-    shown = signatures.saved_model_cli_show(out / "pet_object_detection" / "2", "serving_default")
-    assert shown["outputs"]["detection_boxes"] == ["DT_FLOAT", "(-1, 20, 4)"]
+    shown = {name: entry["saved_model_cli"] for name, entry in checked.items()}  # as saved_model_cli printed it
+    assert shown["serving_default"]["outputs"]["detection_boxes"] == ["DT_FLOAT", "(-1, 20, 4)"]
+    assert shown["image_tensor"]["inputs"] == {"inputs": ["DT_UINT8", "(1, -1, -1, 3)"]}
+    assert shown["image_tensor"]["outputs"]["detection_scores"] == ["DT_FLOAT", "(1, 20)"]
+    assert shown["tf_example"]["inputs"] == {"inputs": ["DT_STRING", "(-1)"]}
 
 
 def test_an_existing_version_is_never_overwritten(reexported, demo_repo):

@@ -20,9 +20,6 @@ from tests.images import png_declaring
 
 pytestmark = pytest.mark.slow
 
-ALL = ["serving_default", "image_tensor", "tf_example"]
-
-
 @pytest.fixture(scope="module")
 def every_signature(reexported) -> Path:
     """The demo's model exported again with all three signatures and 20 detections per image."""
@@ -47,9 +44,7 @@ def test_saved_model_cli_shows_the_design_signature(version_1):
 
 
 def test_extra_signatures_agree_with_serving_default(every_signature, val_examples):
-    loaded = tf.saved_model.load(str(every_signature))
-    for name in ALL:
-        assert signatures.saved_model_cli_show(every_signature, name) == signatures.expected_signature(20, name)
+    loaded = tf.saved_model.load(str(every_signature))  # saved_model_cli's view of each: test_export.py
     encoded = val_examples[0]["encoded"]
     reference = loaded.signatures["serving_default"](inputs=tf.constant([encoded]))
     assert reference["num_detections"].numpy()[0] > 0
