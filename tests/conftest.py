@@ -77,6 +77,38 @@ def demo_repo(demo_run) -> Path:
 
 
 @pytest.fixture(scope="session")
+def version_1(demo_repo) -> Path:
+    """The demo's export (its first version)."""
+    return demo_repo / "models" / "export" / "pet_object_detection" / "1"
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` -> its sha256."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def reexported(demo_repo, tmp_path_factory):
+    """The demo's export folder copied, then exported again (version 2) with both extra signatures
+    and 20 detections per image: the folder, version 1's digest before, the stage's summary."""
+    import shutil
+
+    from stages import export
+
+    out = tmp_path_factory.mktemp("export") / "export"
+    shutil.copytree(demo_repo / "models" / "export", out)
+    before = tree_digest(out / "pet_object_detection" / "1")
+    cfg = load_config(overrides=["dataset=sample", "export.extra_signatures=[image_tensor,tf_example]",
+                                 "export.max_detections=20"])
+    summary = export.run(cfg, {"checkpoints": demo_repo / "models" / "checkpoints",
+                               "records": demo_repo / "data" / "records"}, {"export": out})
+    return out, before, summary
+
+
+@pytest.fixture(scope="session")
 def served(demo_repo):
     """The demo's export served as `make serve` does: entrypoint + nginx + TF Serving stand-in."""
     from tests.serving import ServingStack

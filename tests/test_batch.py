@@ -16,8 +16,10 @@ import pytest
 from PIL import Image
 
 from detkit.core.fsio import EXPORT_LABEL_MAP, newest_version
+from detkit.eval.draw import PREDICTED
 from detkit.serve import batch
 from tests.conftest import REPO_ROOT
+from tests.drawing import changed_elsewhere, outline_share
 from tests.repo_copy import make
 
 TOLERANCE = 1e-5  # normalised coordinates and scores: the batch's calls against one image per call
@@ -138,7 +140,14 @@ def test_make_batch_draw_writes_the_drawn_images(demo_repo, images, first_run, t
     for rel in good:
         drawn, original = Image.open(output / f"{rel}_detections.png"), Image.open(folder / rel)
         assert drawn.size == original.size
-        assert drawn.convert("RGB").tobytes() != original.convert("RGB").tobytes()
+        # The answer's best detections (at most 5, score 0.3 or more) where they are, and nothing else.
+        prediction = answer(output, rel)["predictions"][0]
+        count = int(prediction["num_detections"])
+        ranked = zip(prediction["detection_boxes"][:count], prediction["detection_scores"][:count])
+        boxes = [box for box, score in ranked if score >= 0.3][:5]
+        assert boxes, rel
+        assert [outline_share(drawn, box, [PREDICTED]) for box in boxes] == pytest.approx([1.0] * len(boxes), abs=0.1)
+        assert changed_elsewhere(original, drawn, boxes) == 0, rel
 
 
 @pytest.mark.slow

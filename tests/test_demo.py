@@ -4,13 +4,19 @@ really learns (a box-format or label-offset mistake would give an AP50 near 0)."
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import subprocess
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from detkit.data.labelmap import read_label_map
+from detkit.data.pipeline import encoded_images
+from detkit.eval.draw import PREDICTED, TRUE
+from tests.drawing import outline_share
 from tests.repo_copy import activated_env, run
 
 # TensorFlow's C++ start-up lines: absl's pre-init notice and C++ log records (severity, date, time,
@@ -19,7 +25,7 @@ TF_STARTUP = re.compile(r"absl::InitializeLog|^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\
 
 pytestmark = pytest.mark.slow
 
-MIN_AP50 = 0.5
+MIN_AP50 = 0.9  # it reaches about 0.97-0.99 (README): a box-format or label-offset mistake gives near 0
 
 
 def test_demo_model_learns_the_sample(demo_repo):
@@ -31,7 +37,7 @@ def test_demo_model_learns_the_sample(demo_repo):
     assert set(per_class) == set(read_label_map(demo_repo / "data" / "records" / "label_map.pbtxt").values())
 
 
-def test_demo_leaves_plots_samples_and_an_experiment(demo_repo):
+def test_demo_leaves_plots_samples_and_an_experiment(demo_repo, val_examples):
     with open(demo_repo / "plots" / "train_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == list(range(10, 1001, 10))  # train.log_every
@@ -48,11 +54,33 @@ def test_demo_leaves_plots_samples_and_an_experiment(demo_repo):
     assert len(curve) == 101 and curve[0]["precision"] >= curve[-1]["precision"]
     samples = sorted((demo_repo / "plots" / "eval_samples").glob("*.png"))
     assert len(samples) == 8
+    evaluated = encoded_images(demo_repo / "data" / "records", "val", len(val_examples))  # in eval's order
+    for sample in samples:  # val_<image id>.png, ids counted from 1 in that order
+        encoded = evaluated[int(sample.stem.split("_")[1]) - 1]
+        drawn, example = Image.open(sample), next(e for e in val_examples if e["encoded"] == encoded)
+        assert drawn.size == Image.open(io.BytesIO(encoded)).size
+        for box in example["boxes"]:
+            # The true box in green where it is: predicted boxes drawn over it cover up to half of it here...
+            assert outline_share(drawn, box, [TRUE, PREDICTED]) >= 0.85, sample
+            assert outline_share(drawn, box, [TRUE]) >= 0.3, sample
+            # ...and the model's red box around it.
+            assert predicted_near(drawn, box), sample
     shown = json.loads(run(["dvc", "exp", "show", "--json"], demo_repo).stdout)
     names = [rev.get("name") for c in shown for e in c.get("experiments") or [] for rev in e.get("revs") or []]
     assert names, "make demo should record a DVC experiment"
     status = run(["dvc", "status"], demo_repo)
     assert "up to date" in status.stdout, status.stdout
+
+
+def predicted_near(drawn: Image.Image, box) -> bool:
+    """Whether the predicted colour is drawn within a quarter of ``box``'s size around it."""
+    a = np.asarray(drawn.convert("RGB"))
+    height, width = a.shape[:2]
+    ymin, xmin, ymax, xmax = box
+    dy, dx = (ymax - ymin) / 4, (xmax - xmin) / 4
+    region = a[max(int((ymin - dy) * height), 0):int((ymax + dy) * height) + 1,
+               max(int((xmin - dx) * width), 0):int((xmax + dx) * width) + 1]
+    return bool(np.all(region == PREDICTED, axis=-1).any())
 
 
 def test_demo_console_is_the_stages_own_lines(demo_run):

@@ -216,6 +216,20 @@ def test_deploy_page_names_every_setting_environment_and_make_variable():
         assert f"`deploy.{key}=" in text and f"{variable}=" in text
 
 
+def test_deploy_page_names_the_alarms_and_scaling_that_deploy_creates():
+    from detkit.cloud import autoscaling, deploy, guardrails
+    from detkit.config import load_config
+
+    text = page("deploy")
+    cfg = load_config().deploy
+    requests = guardrails.alarm_requests(cfg, deploy.VARIANT)
+    named = [*guardrails.alarm_names("<endpoint>"), autoscaling.policy_name("<endpoint>"),
+             autoscaling.resource_id("<endpoint>", deploy.VARIANT), autoscaling.DIMENSION, autoscaling.METRIC,
+             *{r["Namespace"] for r in requests}, *(r["MetricName"] for r in requests),
+             *guardrails.TRAFFIC_TYPES.values()]
+    assert missing_mentions(text, named) == []
+
+
 def test_deploy_page_names_every_make_target_it_documents():
     text = page("deploy")
     makefile = (ROOT / "Makefile").read_text()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from detkit.data.labelmap import read_label_map
+from detkit.eval.draw import PREDICTED
 from detkit.serve.predict import top_detections
+from tests.drawing import changed_elsewhere, outline_share
 from tests.repo_copy import make
 
 pytestmark = pytest.mark.slow
@@ -22,9 +26,14 @@ def test_make_predict_names_the_pet_and_draws_it(demo_repo, served, val_examples
     label_map = read_label_map(demo_repo / "data" / "records" / "label_map.pbtxt")
     first = result.stdout.splitlines()[1].split()
     assert first[0] == label_map[example["labels"][0]], result.stdout  # the class by name, best first
-    drawn = tmp_path / f"{image.stem}_detections.png"
-    assert Image.open(drawn).size == Image.open(image).size
-    assert Image.open(drawn).convert("RGB").tobytes() != Image.open(image).convert("RGB").tobytes()
+    # The printed boxes are drawn where they are, in the predicted colour, and nothing else is.
+    boxes = [[float(v) for v in found] for found in re.findall(
+        r"box \(ymin, xmin, ymax, xmax\) ([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)$", result.stdout, re.M)]
+    assert boxes
+    drawn, original = Image.open(tmp_path / f"{image.stem}_detections.png"), Image.open(image)
+    assert drawn.size == original.size
+    assert [outline_share(drawn, box, [PREDICTED]) for box in boxes] == pytest.approx([1.0] * len(boxes), abs=0.1)
+    assert changed_elsewhere(original, drawn, boxes) == 0
 
 
 def test_make_predict_refuses_a_file_that_is_not_an_image(demo_repo, served, tmp_path):
