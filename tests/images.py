@@ -24,3 +24,29 @@ def png_declaring(width: int, height: int, rows: int | None = 8) -> bytes:
     idat.append(compressor.flush())
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b"")
+
+
+def gif_lzw(width: int, height: int) -> bytes:
+    """The image data of a ``width`` x ``height`` GIF frame of colour 0, as Pillow writes it: the
+    LZW code size, the data sub-blocks, the terminator. One colour compresses about 1000:1."""
+    import io
+
+    from PIL import Image
+
+    frame = Image.new("P", (width, height), 0)
+    frame.putpalette([0, 0, 0, 255, 255, 255])
+    buffer = io.BytesIO()
+    frame.save(buffer, "GIF")
+    data = buffer.getvalue()
+    descriptor = data.index(b"\x2c", 13 + 6)  # after the header, screen and 2-colour table
+    return data[descriptor + 10:-1]  # from the code size to the terminator, without the trailer
+
+
+def gif_of_frames(screen: tuple[int, int], frames: list[tuple[int, int, int, int]], delay: bool = False) -> bytes:
+    """A GIF whose logical screen is ``screen`` (width, height) and whose frames are (left, top,
+    width, height), each of colour 0, complete: a decoder fills every frame it declares, however
+    far it reaches past the screen. ``delay``: a graphics control extension before each frame."""
+    header = b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + bytes([0, 0, 0, 255, 255, 255])
+    control = b"\x21\xf9\x04\x00\x0a\x00\x00\x00" if delay else b""
+    body = b"".join(control + b"\x2c" + struct.pack("<HHHHB", *frame, 0) + gif_lzw(*frame[2:]) for frame in frames)
+    return header + body + b"\x3b"

@@ -17,6 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from detkit.config import load_config
+from detkit.data.images import ImageLimits
 from detkit.data.labelmap import read_label_map
 from detkit.models import family
 from detkit.serve import export_check, signatures
@@ -203,7 +204,7 @@ def test_export_check_passes_on_a_model_whose_scores_are_all_tied(demo_repo, tmp
     layer.bias.assign(np.zeros(layer.bias.shape, "float32"))  # every anchor scores 0.5 for every class
     size, detection = info["image_size"], info["detection"]
     signatures.write_savedmodel(fam, detector, size, detection, 100, tmp_path / "1", ["serving_default"],
-                                max_pixels=25_000_000)
+                                ImageLimits(25_000_000, 64))
     reference = family.detection_function(fam, detector, size, detection, 100)
     check = export_check.check_export(tmp_path / "1", reference, size, detection["score_threshold"],
                                       [e["encoded"] for e in val_examples[:4]], tolerance=1e-3, max_detections=100,
