@@ -14,9 +14,9 @@ def png_declaring(width: int, height: int, rows: int | None = 8) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    row = b"\x00" + bytes(3 * width)  # filter byte 0, then the pixels
     compressor = zlib.compressobj(9)
     idat, left = [], height if rows is None else rows
+    row = b"\x00" + bytes(3 * width) if left else b""  # filter byte 0, then the pixels
     while left:  # a few rows at a time: never the whole image in memory
         step = min(left, max(1, (16 << 20) // len(row)))
         idat.append(compressor.compress(row * step))
@@ -50,3 +50,31 @@ def gif_of_frames(screen: tuple[int, int], frames: list[tuple[int, int, int, int
     control = b"\x21\xf9\x04\x00\x0a\x00\x00\x00" if delay else b""
     body = b"".join(control + b"\x2c" + struct.pack("<HHHHB", *frame, 0) + gif_lzw(*frame[2:]) for frame in frames)
     return header + body + b"\x3b"
+
+
+def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each marker segment of a JPEG after SOI; a scan's end includes its
+    entropy-coded data (up to the next marker that is not a stuffed byte or a restart)."""
+    segments, at = [], 2
+    while at < len(data):
+        marker = data[at + 1]
+        if marker == 0xD9:
+            return [*segments, (marker, at, at + 2)]
+        end = at + 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+        if marker == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] != 0x00 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append((marker, at, end))
+        at = end
+    return segments
+
+
+def jpeg_with_scans(jpeg: bytes, repeats: int) -> bytes:
+    """``jpeg`` (progressive) with its last scan, and the Huffman tables written for it, repeated
+    ``repeats`` more times: libjpeg reads each again, one more pass over the image (about 64 bytes
+    a scan of an image of one colour; its decoder only warns)."""
+    segments = jpeg_segments(jpeg)
+    scan = [s for s in segments if s[0] == 0xDA][-1]
+    tables = [s for s in segments if s[0] == 0xC4 and s[2] == scan[1]]
+    again = b"".join(jpeg[start:end] for _, start, end in [*tables, scan])
+    return jpeg[:segments[-1][1]] + again * repeats + b"\xff\xd9"

@@ -87,34 +87,47 @@ def decode(encoded: tf.Tensor, limits: ImageLimits | None = None) -> tf.Tensor:
 
 def refuse_over(encoded: tf.Tensor, limits: ImageLimits) -> tf.Operation:
     """An assertion that fails, naming the limit, for an image over ``limits`` (the module doc)."""
+    message = refusal(encoded, limits.max_pixels, limits.max_jpeg_scans)
+    return tf.debugging.Assert(tf.strings.length(message) == 0, [message])
+
+
+@tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64),
+                                               tf.TensorSpec([], tf.int64)])
+def refusal(encoded: tf.Tensor, max_pixels: tf.Tensor, max_jpeg_scans: tf.Tensor) -> tf.Tensor:
+    """Why an image is over the limits (``export.max_image_pixels``, ``export.max_jpeg_scans``); ""
+    when it is within them. One graph whatever the limits: a served model runs it, not Python."""
     cost = decode_cost(encoded)
-    max_pixels, budget = limits.max_pixels, BYTES_PER_PIXEL * limits.max_pixels
-    size = tf.strings.join([tf.strings.as_string(cost.width), " x ", tf.strings.as_string(cost.height), " pixels"])
+    budget = BYTES_PER_PIXEL * max_pixels
+
+    def text(value):
+        return tf.strings.as_string(value)
+
+    size = tf.strings.join([text(cost.width), " x ", text(cost.height), " pixels"])
     # Each side within the limit first: two unsigned 32-bit PNG sides would overflow int64's product.
     fits = (cost.height <= max_pixels) & (cost.width <= max_pixels)
     failures = [  # (refused, message): the first that applies is reported
         (~fits | (cost.height * cost.width > max_pixels),
-         tf.strings.join(["image of ", size, f" exceeds export.max_image_pixels = {max_pixels}"])),
+         tf.strings.join(["image of ", size, " exceeds export.max_image_pixels = ", text(max_pixels)])),
         (cost.bytes > budget,
-         tf.strings.join(["image of ", size, " needs ", tf.strings.as_string(cost.bytes), " bytes to decode (",
-                          cost.detail, f"), more than the {budget} bytes ({BYTES_PER_PIXEL} a pixel) of "
-                          f"export.max_image_pixels = {max_pixels}"])),
-        (cost.scans > limits.max_jpeg_scans,
-         tf.strings.join(["JPEG of ", tf.strings.as_string(cost.scans),
-                          f" scans exceeds export.max_jpeg_scans = {limits.max_jpeg_scans}"])),
+         tf.strings.join(["image of ", size, " needs ", text(cost.bytes), " bytes to decode (", cost.detail,
+                          "), more than the ", text(budget), f" bytes ({BYTES_PER_PIXEL} a pixel) of "
+                          "export.max_image_pixels = ", text(max_pixels)])),
+        (cost.scans > max_jpeg_scans,
+         tf.strings.join(["JPEG of ", text(cost.scans), " scans exceeds export.max_jpeg_scans = ",
+                          text(max_jpeg_scans)])),
         (~cost.walked, tf.constant(f"GIF of more than {GIF_MAX_STEPS} blocks (frames, extensions and runs of "
                                    "data sub-blocks of one size) to walk")),
     ]
     message = tf.constant("")
-    for refused, text in reversed(failures):
-        message = tf.where(refused, text, message)
-    refused = tf.reduce_any([refused for refused, _ in failures])
-    return tf.debugging.Assert(~refused, [tf.strings.join([message, ": refused before decoding"])])
+    for refused, reason in reversed(failures):
+        message = tf.where(refused, tf.strings.join([reason, ": refused before decoding"]), message)
+    return message
 
 
 # ---------------------------------------------------------------------------- what decoding costs
 
 
+@tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.string)])
 def decode_cost(encoded: tf.Tensor) -> DecodeCost:
     """What ``tf.io.decode_image(encoded, channels=3, expand_animations=False)`` would allocate and
     how many JPEG scans it would run, read without decoding (see the module doc). Bytes of no
