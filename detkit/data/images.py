@@ -11,8 +11,8 @@ how long it would work, read from the bytes inside the graph (so TF Serving enfo
 - a GIF whose blocks are too many to walk (``GIF_MAX_STEPS``);
 - in JPEG XL, whose sizes are bit-packed.
 
-What each format's decoder allocates (TensorFlow 2.21's ``decode_image`` with 3 channels, measured
-with ``benchmarks.hostile_images``):
+What each format's decoder allocates (TensorFlow 2.21's ``decode_image`` with 3 channels; read in
+its sources and measured against the process's resident memory, docs/serving.md):
 
 - JPEG (libjpeg-turbo): the image, 3 bytes a pixel; a file read in several scans (progressive,
   or a first scan with fewer components than the frame) also a coefficient buffer of every
