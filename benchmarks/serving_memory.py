@@ -1,4 +1,5 @@
-"""Serving memory and the slowest answer: the peak resident memory of the model server's process tree (serving/entrypoint.sh,
+"""Serving memory and the slowest answer: the peak resident memory of the model server's process tree
+(serving/entrypoint.sh,
 nginx and the TF Serving stand-in, as `make serve` runs them) while 8 clients send images at the
 export's ``export.max_image_pixels`` limit, against the same 8 clients sending ordinary val-sized
 images, in the same run; and between the two, 3 images over the limit from each client (a 1 MB
