@@ -39,6 +39,7 @@ STANDIN_PRIOR = 0.04
 
 def standin_export(base: Path) -> Path:
     """``<base>/<model_name>/1``: retinanet_tiny, random weights, as the export stage writes it."""
+    from detkit.data.images import ImageLimits
     from detkit.models import retinanet
     from detkit.serve.signatures import write_savedmodel
 
@@ -47,8 +48,7 @@ def standin_export(base: Path) -> Path:
     retinanet.set_prior_bias(detector, STANDIN_PRIOR)
     export = base / cfg.export.model_name
     write_savedmodel(retinanet.FAMILY, detector, int(cfg.model.image_size), cfg.model.detection,
-                     int(cfg.export.max_detections), export / "1", ["serving_default"],
-                     int(cfg.export.max_image_pixels))
+                     int(cfg.export.max_detections), export / "1", ["serving_default"], ImageLimits.of(cfg.export))
     write_label_map(export / "1" / EXPORT_LABEL_MAP, pets_label_map(set(ms.CLASSES)))
     return export
 

@@ -134,6 +134,7 @@ def resnet50_latency(runs: int) -> None:
     """Export a random-weight retinanet_resnet50 (640 px) and time its serving signature."""
     import tensorflow as tf
 
+    from detkit.data.images import ImageLimits
     from detkit.models import retinanet as model
     from detkit.serve.signatures import write_savedmodel
 
@@ -146,7 +147,7 @@ def resnet50_latency(runs: int) -> None:
         model.set_prior_bias(detector, prior)
         with tempfile.TemporaryDirectory() as tmp:
             write_savedmodel(model.FAMILY, detector, 640, cfg.model.detection, int(cfg.export.max_detections),
-                             Path(tmp) / "1", ["serving_default"], cfg.export.max_image_pixels)
+                             Path(tmp) / "1", ["serving_default"], ImageLimits.of(cfg.export))
             serve = tf.saved_model.load(str(Path(tmp) / "1")).signatures["serving_default"]
             serve(inputs=image)  # first call traces and allocates
             times = []

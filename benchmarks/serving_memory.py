@@ -1,10 +1,13 @@
-"""Serving memory: the peak resident memory of the model server's process tree (serving/entrypoint.sh,
+"""Serving memory and the slowest answer: the peak resident memory of the model server's process tree
+(serving/entrypoint.sh,
 nginx and the TF Serving stand-in, as `make serve` runs them) while 8 clients send images at the
 export's ``export.max_image_pixels`` limit, against the same 8 clients sending ordinary val-sized
 images, in the same run; and between the two, 3 images over the limit from each client (a 1 MB
 PNG declaring 4x the limit's side, 1.1 GB decoded), which the serving graph refuses from their
 header: they cost what as many refused non-image requests of the same size cost, far less than
-one decoded image.
+one decoded image. Then the worst inputs found, 8 clients for the same time: GIF bombs (a frame
+far past its 10 x 10 screen, and frames that together exceed the limit) and JPEGs of 2000 empty
+scans, all refused before decoding; each phase prints its slowest answer too.
 
 Goals: at the limit, the tree stays within 8 decoded images (3 bytes a pixel each) of the
 baseline's peak; the over-limit requests add less than one of them decoded.
@@ -76,10 +79,11 @@ class TreeSampler:
 
 def hammer(url: str, body: str, seconds: float, each: int | None = None, clients: int = CLIENTS) -> Counter:
     """``clients`` threads posting ``body`` for ``seconds`` (or ``each`` times): how many answers
-    of each status class."""
+    of each status class, and under "slowest s" the longest one took."""
     import requests
 
     counts: Counter = Counter()
+    slowest = [0.0]
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
@@ -87,12 +91,14 @@ def hammer(url: str, body: str, seconds: float, each: int | None = None, clients
         mine: Counter = Counter()
         with requests.Session() as session:
             while time.monotonic() < deadline and (each is None or sum(mine.values()) < each):
+                started = time.monotonic()
                 try:
                     status = session.post(url, data=body, headers={"content-type": "application/json"},
                                           timeout=120).status_code
                     mine[f"{status // 100}xx" if status != 200 else "200"] += 1
                 except requests.RequestException:
                     mine["no answer"] += 1
+                slowest[0] = max(slowest[0], time.monotonic() - started)
         with lock:
             counts.update(mine)
 
@@ -101,13 +107,14 @@ def hammer(url: str, body: str, seconds: float, each: int | None = None, clients
         t.start()
     for t in threads:
         t.join()
+    counts["slowest s"] = round(slowest[0], 2)
     return counts
 
 
-def flat_jpeg(width: int, height: int) -> bytes:
+def flat_jpeg(width: int, height: int, **options) -> bytes:
     """One colour: a few hundred KB on the wire however many pixels it decodes to."""
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (90, 140, 60)).save(buffer, "JPEG", quality=90)
+    Image.new("RGB", (width, height), (90, 140, 60)).save(buffer, "JPEG", quality=90, **options)
     return buffer.getvalue()
 
 
@@ -134,7 +141,7 @@ def main() -> None:
 
 
 def measure(export: Path, limit: int, seconds: float) -> None:
-    from tests.images import png_declaring
+    from tests.images import gif_of_frames, jpeg_with_scans, png_declaring
     from tests.serving import ServingStack
 
     version = newest_version(export)
@@ -148,6 +155,11 @@ def measure(export: Path, limit: int, seconds: float) -> None:
           f"JPEG ({len(at_limit) // 1024} KB, {decoded['at'] * mb:.0f} MB decoded); over it {4 * side} x {4 * side} "
           f"PNG ({len(over) // 1024} KB, {decoded['over'] * mb:.0f} MB decoded, were it decoded)")
 
+    hostile = {
+        "GIF frame past screen": gif_of_frames((10, 10), [(0, 0, 10, 10), (0, 0, 6000, 6000)]),
+        "GIF frames together": gif_of_frames((3000, 3000), [(0, 0, 3000, 3000)] * 8),
+        "JPEG of 2010 scans": jpeg_with_scans(flat_jpeg(2000, 1500, progressive=True, subsampling=0), 2000),
+    }
     no_image = b"x" + over[1:]  # as large, but no image format: refused by its signature, never decoded
     with ServingStack(export.parent, model_name=export.name) as stack, \
             TreeSampler(stack.process.pid) as tree:
@@ -155,11 +167,13 @@ def measure(export: Path, limit: int, seconds: float) -> None:
         peaks, growth = {}, {}
         # Smallest first: resident memory seldom shrinks, so each phase's peak is its own only in this order.
         for name, image, each in (("val-sized", ordinary, None), ("no image", no_image, OVER_LIMIT_EACH),
-                                  ("over the limit", over, OVER_LIMIT_EACH), ("at the limit", at_limit, None)):
+                                  ("over the limit", over, OVER_LIMIT_EACH),
+                                  *((name, image, None) for name, image in hostile.items()),
+                                  ("at the limit", at_limit, None)):
             start = tree.reset()
             counts = hammer(stack.invocations_url, request_body([image]), seconds, each)
             peaks[name], growth[name] = tree.peak, tree.peak - start
-            print(f"  {name:<15} peak {tree.peak * mb:7.0f} MB (+{growth[name] * mb:.0f} MB in the phase); "
+            print(f"  {name:<22} peak {tree.peak * mb:7.0f} MB (+{growth[name] * mb:.0f} MB in the phase); "
                   f"answers: {dict(sorted(counts.items()))}")
 
     baseline, at_limit_growth = peaks["val-sized"], peaks["at the limit"] - peaks["val-sized"]

@@ -22,13 +22,24 @@ TFS_MAX_BATCH_SIZE="${TFS_MAX_BATCH_SIZE:-32}"
 TFS_BATCH_TIMEOUT_MICROS="${TFS_BATCH_TIMEOUT_MICROS:-0}"
 TFS_NUM_BATCH_THREADS="${TFS_NUM_BATCH_THREADS:-$(nproc)}"
 TFS_MAX_ENQUEUED_BATCHES="${TFS_MAX_ENQUEUED_BATCHES:-100}"
+# nginx gives TF Serving INVOCATION_TIMEOUT_S for an answer (SageMaker's 60 s per invocation); TF
+# Serving's deadline for a request is shorter, so that it stops the request's work itself (a queued
+# request is dropped, a running one cancelled between two ops) and answers before nginx gives up.
+INVOCATION_TIMEOUT_S="${INVOCATION_TIMEOUT_S:-60}"
+TFS_REST_API_TIMEOUT_MS="${TFS_REST_API_TIMEOUT_MS:-$(( (INVOCATION_TIMEOUT_S - 10) * 1000 ))}"
+CLIENT_TIMEOUT_S="${CLIENT_TIMEOUT_S:-60}"  # nginx's wait for a client's request line, headers and body
 
 if [[ "${1:-serve}" != "serve" ]]; then
   exec "$@"  # e.g. `docker run <image> bash`
 fi
 
+if [[ ! "$TFS_REST_API_TIMEOUT_MS" =~ ^[1-9][0-9]*$ ]] || (( TFS_REST_API_TIMEOUT_MS >= INVOCATION_TIMEOUT_S * 1000 )); then
+  echo "entrypoint: TFS_REST_API_TIMEOUT_MS='$TFS_REST_API_TIMEOUT_MS' must be a positive number of milliseconds" \
+    "under INVOCATION_TIMEOUT_S=$INVOCATION_TIMEOUT_S s: TF Serving must give up on a request before nginx does" >&2
+  exit 2
+fi
 NGINX_RUNTIME_DIR="$(mktemp -d "${TMPDIR:-/tmp}/serving.XXXXXX")"
-export MODEL_NAME NGINX_LISTEN TFS_REST_PORT TFS_NUM_BATCH_THREADS
+export MODEL_NAME NGINX_LISTEN TFS_REST_PORT TFS_NUM_BATCH_THREADS INVOCATION_TIMEOUT_S CLIENT_TIMEOUT_S
 "$SERVING_DIR/render-nginx-conf.sh" "$NGINX_RUNTIME_DIR"
 
 batching=()
@@ -44,7 +55,7 @@ fi
 
 read -r -a tfs_command <<< "$TFS_BIN"
 "${tfs_command[@]}" --port="$TFS_GRPC_PORT" --rest_api_port="$TFS_REST_PORT" --model_name="$MODEL_NAME" \
-  --model_base_path="$MODEL_BASE_PATH/$MODEL_NAME" "${batching[@]}" &
+  --model_base_path="$MODEL_BASE_PATH/$MODEL_NAME" --rest_api_timeout_in_ms="$TFS_REST_API_TIMEOUT_MS" "${batching[@]}" &
 tfs_pid=$!
 "$NGINX_BIN" -e stderr -c "$NGINX_RUNTIME_DIR/nginx.conf" &
 nginx_pid=$!

@@ -3,9 +3,9 @@
 Writes ``<out>/<model_name>/<version>/`` (TF Serving's layout) with the TF Object Detection
 API exporter's contract (docs/export.md):
 
-- ``serving_default``: input ``inputs``, a batch of encoded JPEG/PNG/GIF bytes of any size up to
-  ``export.max_image_pixels`` (``tf.string [-1]``; a larger image is refused from its header,
-  before it is decoded: InvalidArgumentError, HTTP 400); outputs ``detection_boxes``
+- ``serving_default``: input ``inputs``, a batch of encoded JPEG/PNG/GIF/BMP/WebP bytes within
+  ``export.max_image_pixels`` and ``export.max_jpeg_scans`` (``tf.string [-1]``; an image over them
+  is refused from its bytes before it is decoded: InvalidArgumentError, HTTP 400); outputs ``detection_boxes``
   [-1, M, 4] (normalised ymin, xmin, ymax, xmax), ``detection_classes`` [-1, M] (1-based
   label-map ids, float), ``detection_scores`` [-1, M] (descending), ``num_detections`` [-1],
   all float32, M = ``export.max_detections``;
@@ -60,6 +60,7 @@ def next_version(model_dir: Path, requested: int | None) -> int:
 def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict[str, Any]:
     """Export ``inputs['checkpoints']/final`` to ``outputs['export']/<model_name>/<version>``."""
     from detkit.data import pipeline  # TensorFlow: after the cheap checks below
+    from detkit.data.images import ImageLimits
     from detkit.models import family
     from detkit.serve.export_check import check_export
     from detkit.serve.signatures import write_savedmodel
@@ -78,12 +79,12 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     signatures = ["serving_default", *e.extra_signatures]
     final = model_dir / str(version)
     with atomic_dir(final) as tmp:
-        write_savedmodel(fam, detector, size, detection, e.max_detections, tmp, signatures, e.max_image_pixels)
+        write_savedmodel(fam, detector, size, detection, e.max_detections, tmp, signatures, ImageLimits.of(e))
         reference = family.detection_function(fam, detector, size, detection, e.max_detections)
         check = check_export(tmp, reference, size, detection, encoded, e.check_tolerance, e.max_detections,
                              signatures)
         check.update(version=version, model_name=e.model_name, step=info.get("step"),
-                     max_image_pixels=e.max_image_pixels)
+                     max_image_pixels=e.max_image_pixels, max_jpeg_scans=e.max_jpeg_scans)
         (tmp / EXPORT_CHECK).parent.mkdir()
         shutil.copyfile(trained / LABEL_MAP_FILE, tmp / EXPORT_LABEL_MAP)
         (tmp / EXPORT_CHECK).write_text(json.dumps(check, indent=2) + "\n")

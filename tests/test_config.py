@@ -81,6 +81,7 @@ def test_wrong_type_is_refused_with_key():
     ("tfrecord.val_shards=0", "tfrecord.val_shards"),
     ("dataset.max_extracted_bytes=0", "dataset.max_extracted_bytes: 0 must be at least 1"),
     ("export.max_image_pixels=0", "export.max_image_pixels: 0 must be at least 1"),
+    ("export.max_jpeg_scans=0", "export.max_jpeg_scans: 0 must be at least 1"),
     ("deploy.rollout.step_percent=60", "rollout.step_percent 60 must be in \\[1, 50\\] for canary"),
     ("deploy.image=docker", "deploy.image"),
     ("deploy.instance_type=ml.x9.huge", "instance_type ml.x9.huge is not in deploy.instances"),

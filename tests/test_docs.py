@@ -186,8 +186,8 @@ def test_serving_page_states_the_image_ports_and_nginx_limits():
     assert f"tensorflow/serving:{version}" in text
     assert f"uid {uid}" in text and f"`EXPOSE {port}`" in text
     assert re.search(r"^LABEL (\S+)$", dockerfile, re.M)[1] in text
-    limits = re.findall(r"^\s*((?:client_max_body_size|proxy_\w+_timeout) \w+);", nginx, re.M)
-    assert len(limits) == 5 and missing_mentions(text, limits) == []
+    limits = re.findall(r"^\s*((?:client_max_body_size|proxy_\w+_timeout|client_\w+_timeout) \S+);", nginx, re.M)
+    assert len(limits) == 7 and missing_mentions(text, limits) == []
     statuses = re.findall(r"^\s*error_page (\d+)", nginx, re.M)
     assert statuses and [s for s in statuses if not re.search(rf"^\|[^|\n]+\| {s}\b", text, re.M)] == []
     render = (ROOT / "serving" / "render-nginx-conf.sh").read_text()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from detkit.data.images import ImageLimits
 from detkit.models import family
 from detkit.models.retinanet import DetectionDecoder
 from detkit.serve import export_check, signatures
@@ -189,7 +190,7 @@ def test_check_passes_on_a_model_whose_scores_are_all_tied(trained, tmp_path, va
     try:
         size, detection = info["image_size"], info["detection"]
         signatures.write_savedmodel(fam, detector, size, detection, 100, tmp_path / "1", ["serving_default"],
-                                    max_pixels=25_000_000)
+                                    ImageLimits(max_pixels=25_000_000, max_jpeg_scans=64))
         reference = family.detection_function(fam, detector, size, detection, 100)
         result = check(tmp_path / "1", reference, info, [e["encoded"] for e in val_examples[:4]])
     finally:

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 def test_rendered_nginx_config_passes_nginx_t(tmp_path):
     env = dict(os.environ, MODEL_NAME="pet_object_detection", NGINX_LISTEN="127.0.0.1:8080", TFS_REST_PORT="8501",
-               TFS_NUM_BATCH_THREADS="4")
+               TFS_NUM_BATCH_THREADS="4", INVOCATION_TIMEOUT_S="60", CLIENT_TIMEOUT_S="60")
     subprocess.run([str(REPO_ROOT / "serving" / "render-nginx-conf.sh"), str(tmp_path)], env=env, check=True)
     config = (tmp_path / "nginx.conf").read_text()
     assert "proxy_pass http://tensorflow_serving/v1/models/pet_object_detection:predict;" in config
@@ -225,3 +225,110 @@ def test_a_request_nginx_cannot_parse_gets_a_json_400(served):
     head, body = answer.split("\r\n\r\n", 1)
     assert head.startswith("HTTP/1.1 400") and "Content-Type: application/json" in head
     assert json.loads(body) == {"error": "malformed HTTP request"}
+
+
+# --------------------------------------------------------------------------- nginx's own answers
+
+
+@pytest.fixture(scope="module")
+def nginx_alone(tmp_path_factory):
+    """The container's nginx config, rendered as the entrypoint renders it, with no model server
+    behind it (its upstream port is free: 502) and a 1 s wait for clients."""
+    folder = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    env = dict(os.environ, MODEL_NAME="pet_object_detection", NGINX_LISTEN=f"127.0.0.1:{port}",
+               TFS_REST_PORT=str(free_port()), TFS_NUM_BATCH_THREADS="2", INVOCATION_TIMEOUT_S="60",
+               CLIENT_TIMEOUT_S="1")
+    subprocess.run([str(REPO_ROOT / "serving" / "render-nginx-conf.sh"), str(folder)], env=env, check=True)
+    nginx = subprocess.Popen(["nginx", "-e", "stderr", "-c", str(folder / "nginx.conf")], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            break
+        time.sleep(0.05)
+    yield port
+    nginx.terminate()
+    nginx.wait(timeout=10)
+
+
+def raw_answer(port: int, request: bytes) -> tuple[str, dict, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = connection.makefile("rb").read()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    return lines[0], dict(line.split(": ", 1) for line in lines[1:] if ": " in line), body
+
+
+NGINX_STATUSES = {  # a request nginx answers itself, without the model server -> (status, message)
+    "malformed request line": (b"GARBAGE\r\n\r\n", 400, "malformed HTTP request"),
+    "oversized header": (b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 400,
+                         "request headers too large"),
+    "TRACE": (b"TRACE /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405, "method not allowed"),
+    "body over 6 MB": (b"POST /invocations HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: image/png\r\n"
+                       b"Content-Length: 7000000\r\n\r\n", 413, "6 MB"),
+    "request line too long": (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request line too long"),
+    "unknown transfer encoding": (b"POST /invocations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                  b"Transfer-Encoding: gzip\r\n\r\n", 501, "transfer encoding"),
+    "HTTP/2.0 request line": (b"GET /ping HTTP/2.0\r\nHost: x\r\n\r\n", 505, "HTTP version not supported"),
+    "model server down": (b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 502, "not reachable"),
+}
+
+
+@pytest.mark.parametrize("case", NGINX_STATUSES)
+def test_every_error_nginx_answers_itself_is_json(nginx_alone, case):
+    request, status, message = NGINX_STATUSES[case]
+    line, headers, body = raw_answer(nginx_alone, request)
+    assert line.startswith(f"HTTP/1.1 {status} "), (line, body[:200])
+    assert headers["Content-Type"] == "application/json"
+    assert message in json.loads(body)["error"]
+
+
+def test_a_client_that_stalls_gets_the_connection_closed_without_a_page(nginx_alone):
+    # nginx logs 408 for a body that stops coming, and closes the connection: nothing to read but EOF.
+    started = time.monotonic()
+    line, _, body = raw_answer(nginx_alone, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                            b"Content-Length: 100\r\n\r\nabc")
+    assert (line, body) == ("", b"")
+    assert time.monotonic() - started < 5  # CLIENT_TIMEOUT_S=1
+
+
+def test_the_model_server_must_give_up_before_nginx(demo_repo):
+    env = dict(os.environ, MODEL_BASE_PATH=str(demo_repo / "models" / "export"), INVOCATION_TIMEOUT_S="5",
+               TFS_REST_API_TIMEOUT_MS="5000", NGINX_LISTEN=f"127.0.0.1:{free_port()}")
+    result = subprocess.run([str(REPO_ROOT / "serving" / "entrypoint.sh"), "serve"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert "TF Serving must give up on a request before nginx does" in result.stderr
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_request_nginx_has_timed_out_is_not_decoded_to_the_end(demo_repo):
+    # nginx waits 4 s, the model server 2 s. 32 images of 3000 x 3000 take the model server some
+    # 10-30 s to decode: it answers 504 at its deadline and stops, within one image's decode.
+    big = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (90, 140, 60)).save(big, "PNG")
+    body = request_body([big.getvalue()] * 32)
+    env = {"INVOCATION_TIMEOUT_S": "4", "TFS_REST_API_TIMEOUT_MS": "2000"}
+    with ServingStack(demo_repo / "models" / "export", env=env) as stack:
+        model_server = descendants(stack.process.pid)[0]
+        server_pids = [model_server, *descendants(model_server)]
+        started = time.monotonic()
+        response = requests.post(stack.invocations_url, data=body, headers={"content-type": "application/json"},
+                                 timeout=60)
+        answered = time.monotonic() - started
+        before = sum(cpu_seconds(pid) for pid in server_pids if alive(pid))
+        time.sleep(4)
+        after = sum(cpu_seconds(pid) for pid in server_pids if alive(pid))
+        good = requests.get(stack.ping_url, timeout=10)
+    print(f"answered {response.status_code} in {answered:.1f} s; model server CPU in the 4 s after: "
+          f"{after - before:.2f} s")
+    assert response.status_code == 504
+    assert "Deadline exceeded" in error_of(response)
+    assert answered < 4
+    assert after - before < 1.0  # not decoding the remaining images
+    assert good.status_code == 200

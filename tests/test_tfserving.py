@@ -18,7 +18,8 @@ from PIL import Image
 
 from detkit.serve.predict import request_body
 from detkit.serve.tfserving import BatchingParameters, BatchScheduler, RequestError
-from tests.images import png_declaring
+from tests.images import gif_of_frames, jpeg_with_scans, png_declaring
+from tests.serving import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +147,44 @@ def test_an_image_over_the_pixel_limit_gets_a_400_and_serving_goes_on(served, va
     assert good.status_code == 200, good.text
 
 
+def tree_rss(pid: int) -> int:
+    return sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * 4096 for p in [pid, *descendants(pid)])
+
+
+def flat_jpeg(width: int, height: int, **options) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 60)).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+HOSTILE = {  # image -> what the 400 names; each under 200 KB
+    "GIF frame past its 10 x 10 screen": (gif_of_frames((10, 10), [(0, 0, 10, 10), (0, 0, 6000, 6000)]),
+                                          "image of 6000 x 6000 pixels exceeds export.max_image_pixels = 25000000"),
+    "GIF frames over the limit together": (gif_of_frames((3000, 3000), [(0, 0, 3000, 3000)] * 8),
+                                           "more than the 75000000 bytes (3 a pixel) of export.max_image_pixels"),
+    "JPEG of 2000 scans": (jpeg_with_scans(flat_jpeg(2000, 1500, progressive=True, subsampling=0), 2000),
+                           "JPEG of 2010 scans exceeds export.max_jpeg_scans = 64"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_images_get_a_400_naming_the_limit_and_memory_stays_flat(served, val_examples, case):
+    image, message = HOSTILE[case]
+    assert len(image) < 200_000
+    before = tree_rss(served.process.pid)
+    started = time.monotonic()
+    for _ in range(3):
+        response = post(served.invocations_url, rest_request(image))
+        assert response.status_code == 400, response.text
+        assert message in response.json()["error"]
+    seconds = (time.monotonic() - started) / 3
+    grown = tree_rss(served.process.pid) - before
+    print(f"{case}: 400 in {seconds:.3f} s, serving processes {grown / 2**20:+.0f} MB")
+    assert seconds < 1.0
+    assert grown < 30 << 20  # decoded, the smallest of these takes 100 MB
+    assert post(served.invocations_url, rest_request(val_examples[0]["encoded"])).status_code == 200
+
+
 def test_status_and_metadata_as_tf_serving(served):
     status = requests.get(served.tfs_url, timeout=10).json()
     assert status["model_version_status"] == [
@@ -247,7 +286,7 @@ class Model:
         self.release = threading.Event()
         self.release.set()
 
-    def __call__(self, inputs):
+    def __call__(self, inputs, deadline):
         self.release.wait(10)
         x = inputs["x"]
         if (x < 0).any():

@@ -185,6 +185,7 @@ class Export:
     check_images: int = MISSING
     check_tolerance: float = MISSING
     max_image_pixels: int = MISSING
+    max_jpeg_scans: int = MISSING
 
 
 @dataclass

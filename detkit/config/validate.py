@@ -100,6 +100,8 @@ def _validate_export(e: DictConfig) -> None:
     if e.max_image_pixels < 1:
         raise ConfigError(f"export.max_image_pixels: {e.max_image_pixels} must be at least 1 (width x height of "
                           "the largest image the served model decodes)")
+    if e.max_jpeg_scans < 1:
+        raise ConfigError(f"export.max_jpeg_scans: {e.max_jpeg_scans} must be at least 1 (every JPEG has a scan)")
 
 
 def _validate_compute(c: DictConfig) -> None:

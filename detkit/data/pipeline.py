@@ -34,6 +34,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from detkit.data import images
+from detkit.data.images import ImageLimits
 from detkit.data.records import feature_spec
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -78,102 +80,13 @@ def resize_image(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.image.resize(image, (size, size), method="bilinear", antialias=False)
 
 
-def decode_and_resize(encoded: tf.Tensor, size: int, max_pixels: int | None = None) -> tf.Tensor:
+def decode_and_resize(encoded: tf.Tensor, size: int, limits: ImageLimits | None = None) -> tf.Tensor:
     """Encoded image bytes (scalar string) -> model-sized float32 image: the export input path.
 
-    ``max_pixels`` (serving): an image whose header declares more pixels (width x height) is
-    refused with an InvalidArgumentError before it is decoded (``encoded_image_size``).
+    ``limits`` (serving): an image over them is refused with an InvalidArgumentError before it is
+    decoded (``detkit.data.images``).
     """
-    checks = [] if max_pixels is None else [_refuse_more_pixels_than(encoded, max_pixels)]
-    with tf.control_dependencies(checks):
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return resize_image(image, size)
-
-
-def _refuse_more_pixels_than(encoded: tf.Tensor, max_pixels: int) -> tf.Operation:
-    height, width = encoded_image_size(encoded)
-    # The GIF decoder decodes every frame (the first is kept): count them all. An image descriptor
-    # (0x2C) follows a block terminator (0x00), but the first may follow the colour table instead;
-    # image data holds such a pair by chance about once in 64 KB.
-    gif = tf.strings.substr(encoded, 0, 4) == b"GIF8"
-    pairs = tf.size(tf.strings.split(encoded, sep=b"\x00\x2c"), out_type=tf.int64) - 1
-    frames = tf.where(gif, tf.maximum(pairs, 1), 1)
-    # Each side within the limit first: two unsigned 32-bit PNG sides would overflow int64's product.
-    fits = (height <= max_pixels) & (width <= max_pixels)
-    pixels = tf.where(fits, height * width * frames, max_pixels + 1)
-    counted = tf.where(frames > 1, tf.strings.join([" x ", tf.strings.as_string(frames), " frames"]), "")
-    message = tf.strings.join(["image of ", tf.strings.as_string(width), " x ", tf.strings.as_string(height),
-                               " pixels", counted, f" exceeds export.max_image_pixels = {max_pixels}: "
-                               "refused before decoding"])
-    return tf.debugging.Assert(pixels <= max_pixels, [message])
-
-
-# ---------------------------------------------------------------------------- image headers
-
-HEADER_BYTES = 32  # holds the size fields of every format below but JPEG's (extract_jpeg_shape finds those)
-# tf.io.decode_image also reads JPEG XL, whose size is bit-packed: it is refused rather than parsed.
-JPEG_XL = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")  # bare codestream, ISO BMFF container
-
-
-def encoded_image_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """(height, width), int64 scalars, of encoded image bytes as their header declares them,
-    read without decoding, for every format ``tf.io.decode_image`` reads:
-
-    - JPEG: the frame header (``tf.image.extract_jpeg_shape``, which refuses a broken one);
-    - PNG: IHDR, big-endian uint32 width and height at bytes 16 and 20;
-    - GIF: the logical screen (what the decoder allocates), little-endian uint16 at 6 and 8;
-    - BMP: little-endian int32 at 18 and 22 (a negative height means top-down rows);
-    - WebP: the VP8X canvas, or the VP8 / VP8L bitstream header of a simple file.
-
-    JPEG XL, which the decoder also reads, is refused (InvalidArgumentError). Bytes of none of
-    these formats, or too short to hold the size, give (-1, -1): ``tf.io.decode_image`` refuses
-    them with its own error.
-    """
-    length = tf.cast(tf.strings.length(encoded), tf.int64)
-    head = _header(encoded)
-
-    def starts(signature: bytes, at: int = 0) -> tf.Tensor:
-        return (length >= at + len(signature)) & tf.reduce_all(head[at:at + len(signature)] == list(signature))
-
-    bmp_height, bmp_width = (tf.abs(_signed32(_uint(head, at, 4))) for at in (22, 18))
-    webp = starts(b"RIFF") & starts(b"WEBP", 8)
-    vp8l = _uint(head, 21, 4)
-    unread = (tf.constant(-1, tf.int64), tf.constant(-1, tf.int64))
-    candidates = [  # (bytes of this format and long enough, height, width)
-        (starts(b"\x89PNG\r\n\x1a\n") & (length >= 24), _uint(head, 20, 4, big_endian=True),
-         _uint(head, 16, 4, big_endian=True)),
-        (starts(b"GIF8") & (length >= 10), _uint(head, 8, 2), _uint(head, 6, 2)),
-        (starts(b"BM") & (length >= 26), bmp_height, bmp_width),
-        (webp & starts(b"VP8X", 12) & (length >= 30), _uint(head, 27, 3) + 1, _uint(head, 24, 3) + 1),
-        (webp & starts(b"VP8 ", 12) & (length >= 30), _uint(head, 28, 2) % 2**14, _uint(head, 26, 2) % 2**14),
-        (webp & starts(b"VP8L", 12) & (length >= 25), vp8l // 2**14 % 2**14 + 1, vp8l % 2**14 + 1),
-    ]
-    height, width = unread
-    for known, h, w in candidates:
-        height, width = tf.where(known, h, height), tf.where(known, w, width)
-    jpeg_xl = tf.reduce_any([starts(signature) for signature in JPEG_XL])
-    refuse_jpeg_xl = tf.debugging.Assert(~jpeg_xl, ["JPEG XL images are not served: send JPEG, PNG, GIF, BMP or WebP"])
-    with tf.control_dependencies([refuse_jpeg_xl]):
-        is_jpeg = tf.identity(starts(b"\xff\xd8\xff"))
-    size = tf.cond(is_jpeg, lambda: tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64),
-                   lambda: tf.stack([height, width]))
-    return size[0], size[1]
-
-
-def _header(encoded: tf.Tensor) -> tf.Tensor:
-    """The first ``HEADER_BYTES`` bytes (int64 [HEADER_BYTES]), zeros past the end; reads no more."""
-    part = tf.strings.substr(encoded, 0, HEADER_BYTES)
-    return tf.cast(tf.io.decode_raw(part, tf.uint8, fixed_length=HEADER_BYTES), tf.int64)
-
-
-def _uint(head: tf.Tensor, at: int, count: int, big_endian: bool = False) -> tf.Tensor:
-    weights = [256 ** (count - 1 - i if big_endian else i) for i in range(count)]
-    return tf.reduce_sum(head[at:at + count] * tf.constant(weights, tf.int64))
-
-
-def _signed32(value: tf.Tensor) -> tf.Tensor:
-    return tf.where(value >= 2**31, value - 2**32, value)
+    return resize_image(images.decode(encoded, limits), size)
 
 
 # ---------------------------------------------------------------------------- augmentation

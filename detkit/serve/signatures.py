@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from detkit.data import pipeline
+from detkit.data.images import ImageLimits
 from detkit.models.family import Family
 
 
@@ -50,18 +51,17 @@ def saved_model_cli_show(path: Path, signature: str) -> dict[str, Any]:
     return shown
 
 
-def serving_functions(detect, size: int, signatures: list[str], max_pixels: int) -> dict[str, tuple[Any, list]]:
+def serving_functions(detect, size: int, signatures: list[str], limits: ImageLimits) -> dict[str, tuple[Any, list]]:
     """The SavedModel's signatures (``signatures`` of the ones below): name -> (function, input signature).
 
     ``detect``: resized images float32 [B, size, size, 3] -> TF OD API outputs (the family's
-    ``detect``). Those that take encoded images refuse one of more than ``max_pixels`` before
-    decoding it.
+    ``detect``). Those that take encoded images refuse one over ``limits`` before decoding it.
     """
     resized = tf.TensorSpec([size, size, 3], tf.float32)
 
     def from_encoded(encoded):
         # One image at a time: the batch may mix sizes and formats.
-        return detect(tf.map_fn(lambda e: pipeline.decode_and_resize(e, size, max_pixels), encoded,
+        return detect(tf.map_fn(lambda e: pipeline.decode_and_resize(e, size, limits), encoded,
                                 fn_output_signature=resized))
 
     def serving_default(inputs):
@@ -84,7 +84,7 @@ def serving_functions(detect, size: int, signatures: list[str], max_pixels: int)
 
 
 def write_savedmodel(fam: Family, model, size: int, detection: dict[str, Any], max_detections: int, path: Path,
-                     signatures: list[str], max_pixels: int) -> None:
+                     signatures: list[str], limits: ImageLimits) -> None:
     """``model`` as a SavedModel at ``path`` whose ``signatures`` run ``fam.detect`` (``serving_functions``)."""
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -92,7 +92,7 @@ def write_savedmodel(fam: Family, model, size: int, detection: dict[str, Any], m
     def detect(images):
         return fam.detect(model, images, detection, max_detections)
 
-    for name, (function, signature) in serving_functions(detect, size, signatures, max_pixels).items():
+    for name, (function, signature) in serving_functions(detect, size, signatures, limits).items():
         archive.add_endpoint(name, function, input_signature=signature)
     archive.write_out(str(path), verbose=False)
 

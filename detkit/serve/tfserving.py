@@ -13,7 +13,10 @@ Covered (https://www.tensorflow.org/tfx/serving/api_rest):
 
 Like TF Serving's default version policy it serves the newest version folder under
 ``--model_base_path``. ``--enable_batching`` with ``--batching_parameters_file`` batches
-concurrent :predict requests as TF Serving's batch scheduler does (``BatchScheduler``). Not
+concurrent :predict requests as TF Serving's batch scheduler does (``BatchScheduler``).
+``--rest_api_timeout_in_ms`` is each :predict request's deadline, as TF Serving's session runs
+keep it: a request still queued at its deadline is dropped (429), a running one is cancelled
+between two TensorFlow ops (504), so its work stops there. Not
 covered: gRPC, classify/regress, model config files; the thread-pool flags are accepted and
 ignored. It runs on gunicorn (threads: requests are served concurrently; TensorFlow releases
 the GIL while it computes).
@@ -81,10 +84,12 @@ class ServedModel:
     """The newest version under ``base_path``, loaded in the background (status LOADING
     until then, as TF Serving reports while a version loads)."""
 
-    def __init__(self, name: str, base_path: Path, batching: BatchScheduler | None = None):
+    def __init__(self, name: str, base_path: Path, batching: BatchScheduler | None = None,
+                 timeout_s: float | None = None):
         self.name = name
         self.base_path = Path(base_path)
         self.batching = batching
+        self.timeout_s = timeout_s  # each :predict request's deadline; None: no deadline
         self.version: int | None = None
         self.state = "START"
         self.error = ""
@@ -150,6 +155,7 @@ class ServedModel:
         }
 
     def predict(self, version: str | None, body: bytes) -> dict[str, Any]:
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         self._servable(version)
         try:
             payload = json.loads(body)
@@ -178,9 +184,10 @@ class ServedModel:
         if self.batching and signature.batchable:
             # Requests batch together only where every input but the batch dimension agrees.
             key = (name, *((k, v.shape[1:], v.dtype.str) for k, v in sorted(arrays.items())))
-            outputs = self.batching.run(key, lambda batch: _call(signature.function, batch), arrays)
+            outputs = self.batching.run(key, lambda batch, until: _call(signature.function, batch, until), arrays,
+                                        deadline)
         else:
-            outputs = _call(signature.function, arrays)
+            outputs = _call(signature.function, arrays, deadline)
         lists = {k: v.tolist() for k, v in outputs.items()}
         if "instances" in payload:
             rows = [{k: v[i] for k, v in lists.items()} for i in range(len(payload["instances"]))]
@@ -254,15 +261,27 @@ def _strings(name: str, values: Any) -> Any:
     raise RequestError(400, f"input '{name}': expected a string or {{\"b64\": \"...\"}}, got {json.dumps(values)[:80]}")
 
 
-def _call(function, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _call(function, arrays: dict[str, np.ndarray], deadline: float | None) -> dict[str, np.ndarray]:
+    """``function`` on ``arrays``, cancelled at ``deadline`` (time.monotonic()) as TF Serving's session
+    run is at its timeout: TensorFlow stops between two ops, the one running finishes first."""
     import tensorflow as tf
+    from tensorflow.python.eager import cancellation  # what a session run's timeout uses, for functions
 
+    manager = cancellation.CancellationManager()
+    timer = None if deadline is None else threading.Timer(max(0.0, deadline - time.monotonic()), manager.start_cancel)
+    if timer:
+        timer.start()
     try:
-        outputs = function(**{k: tf.constant(v) for k, v in arrays.items()})
+        outputs = manager.get_cancelable_function(function)(**{k: tf.constant(v) for k, v in arrays.items()})
+        return {k: v.numpy() for k, v in outputs.items()}
     except (tf.errors.InvalidArgumentError, ValueError, TypeError) as exc:
         # TF Serving answers INVALID_ARGUMENT (undecodable image, bad shape) with 400.
         raise RequestError(400, error_reason(exc)) from exc
-    return {k: v.numpy() for k, v in outputs.items()}
+    except tf.errors.CancelledError as exc:  # TF Serving: DEADLINE_EXCEEDED, answered 504
+        raise RequestError(504, "Deadline exceeded: the request ran past --rest_api_timeout_in_ms") from exc
+    finally:
+        if timer:
+            timer.cancel()
 
 
 def error_reason(exc: Exception) -> str:
@@ -307,13 +326,17 @@ class BatchingParameters:
         return cls(**values)
 
 
+Run = Callable[[dict[str, np.ndarray], float | None], dict[str, np.ndarray]]  # (inputs, deadline) -> outputs
+
+
 @dataclasses.dataclass(eq=False)
 class _Task:
     key: tuple
-    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    run: Run
     inputs: dict[str, np.ndarray]
     size: int
     queued_at: float
+    deadline: float | None  # time.monotonic() past which its request is given up
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     outputs: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
@@ -339,14 +362,19 @@ class BatchScheduler:
         for number in range(self.parameters.num_batch_threads):
             threading.Thread(target=self._work, name=f"batch-{number}", daemon=True).start()
 
-    def run(self, key: tuple, run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
-            inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``run(inputs)``, possibly concatenated with other requests' inputs along axis 0."""
+    def run(self, key: tuple, run: Run, inputs: dict[str, np.ndarray], deadline: float | None = None
+            ) -> dict[str, np.ndarray]:
+        """``run(inputs, deadline)``, possibly concatenated with other requests' inputs along axis 0.
+
+        As TF Serving's batching session: a batch whose every request is past its deadline when
+        it is taken from the queue is not run (429); one that is runs until the latest deadline of
+        its requests.
+        """
         size = len(next(iter(inputs.values())))
         p = self.parameters
         if size > p.max_batch_size:
             raise RequestError(400, f"Task size {size} is larger than maximum batch size {p.max_batch_size}")
-        task = _Task(key, run, inputs, size, time.monotonic())
+        task = _Task(key, run, inputs, size, time.monotonic(), deadline)
         with self._changed:
             if self._queued + size > p.max_enqueued_batches * p.max_batch_size:
                 raise RequestError(503, "The batch scheduling queue to which this task was submitted is full")
@@ -389,16 +417,22 @@ class BatchScheduler:
             self._run(batch)
 
     def _run(self, batch: list[_Task]) -> None:
+        deadlines = [task.deadline for task in batch]
+        deadline = None if None in deadlines else max(deadlines)
         inputs = {name: np.concatenate([task.inputs[name] for task in batch]) for name in batch[0].inputs}
         try:
-            outputs = batch[0].run(inputs)
+            if deadline is not None and deadline <= time.monotonic():
+                raise RequestError(429, "Run() timeout exceeded while waiting in batching queue")
+            outputs = batch[0].run(inputs, deadline)
         except Exception as exc:
-            if len(batch) > 1:  # one request's bad image fails the whole call: only it may fail
+            past_deadline = isinstance(exc, RequestError) and exc.status in (429, 504)
+            if len(batch) > 1 and not past_deadline:  # one request's bad image fails the whole call: only it may
                 for task in batch:
                     self._run([task])
                 return
-            batch[0].error = exc
-            batch[0].done.set()
+            for task in batch:
+                task.error = exc
+                task.done.set()
             return
         with self._changed:
             self.batch_sizes[len(batch)] += 1
@@ -500,7 +534,8 @@ def serve_command(args: argparse.Namespace) -> int:
             return fail(f"--batching_parameters_file: {exc}")
         log.info("batching: %s", parameters)
         batching = BatchScheduler(parameters)
-    model = ServedModel(args.model_name, args.model_base_path.resolve(), batching)
+    model = ServedModel(args.model_name, args.model_base_path.resolve(), batching,
+                        args.rest_api_timeout_in_ms / 1000 if args.rest_api_timeout_in_ms > 0 else None)
     serve(model, args.rest_api_host, args.rest_api_port, args.rest_api_num_threads,
           max(1, args.rest_api_timeout_in_ms // 1000))
     return 0
