@@ -20,7 +20,7 @@ from unittest import mock
 
 from benchmarks import serving_latency
 from detkit.config import load_config
-from tests.repo_copy import make, make_repo_copy
+from harness.repo_copy import make, make_repo_copy
 
 GOAL_DEMO_S = 300
 GOAL_INPUT_RATIO = 3.0

@@ -44,7 +44,7 @@ from unittest import mock
 from omegaconf import OmegaConf
 
 from benchmarks import peak_rss, pets_like
-from tests.repo_copy import activated_env, make_repo_copy
+from harness.repo_copy import activated_env, make_repo_copy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("download", "tfrecord", "pretrained", "train", "eval", "export", "package")
@@ -146,7 +146,7 @@ def first_losses(log: Path, count: int = 3) -> list[dict[str, float]]:
 
 def val_image(repo: Path) -> tuple[str, bytes]:
     """A plain JPEG of the val split, as the tfrecord stage split the rows."""
-    from stages.tfrecord import list_pets, split_rows
+    from detkit.data.annotations import list_pets, split_rows
 
     raw = repo / "data" / "raw"
     split = OmegaConf.load(repo / "params.yaml").split
@@ -159,7 +159,7 @@ def val_image(repo: Path) -> tuple[str, bytes]:
 @contextmanager
 def sampled_rss(pid: int, interval: float = 0.2):
     """Yield a dict whose ``peak`` is the largest resident sum of ``pid``'s tree seen so far."""
-    from tests.serving import descendants
+    from harness.serving import descendants
 
     seen = {"peak": 0}
     done = threading.Event()
@@ -186,7 +186,7 @@ def serve_and_request(repo: Path, requests_after_first: int = 3) -> dict:
     import requests
 
     from detkit.serve.predict import parse_response, request_body
-    from tests.serving import ServingStack
+    from harness.serving import ServingStack
 
     export_base = repo / "models" / "export"
     model_name = next(p.name for p in sorted(export_base.iterdir()) if p.is_dir())

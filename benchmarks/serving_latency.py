@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from detkit.config import load_config
+from detkit.core.fsio import newest_version
 from detkit.serve.predict import request_body
-from stages.package import newest_version
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -93,7 +93,7 @@ def poster(url: str, body: str) -> Callable[[], None]:
 def serving_comparison(export: Path, image: bytes, seconds: float) -> None:
     import tensorflow as tf
 
-    from tests.serving import ServingStack
+    from harness.serving import ServingStack
 
     version = newest_version(export)
     print(f"model: {version} (the export that `make serve` serves); request: one {len(image) // 1024} KB JPEG, "

@@ -34,9 +34,8 @@ from benchmarks.batch_inference import standin_export
 from benchmarks.peak_rss import rss_bytes
 from benchmarks.serving_latency import jpeg
 from detkit.config import load_config
-from detkit.core.fsio import EXPORT_CHECK
+from detkit.core.fsio import EXPORT_CHECK, newest_version
 from detkit.serve.predict import request_body
-from stages.package import newest_version
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -49,7 +48,7 @@ class TreeSampler:
     """The largest sum of resident sets of a process and its descendants, sampled every ``interval`` s."""
 
     def __init__(self, pid: int, interval: float = 0.05):
-        from tests.serving import descendants
+        from harness.serving import descendants
 
         self.pid, self.interval, self.descendants = pid, interval, descendants
         self.peak = 0
@@ -141,8 +140,8 @@ def main() -> None:
 
 
 def measure(export: Path, limit: int, seconds: float) -> None:
-    from tests.images import gif_of_frames, jpeg_with_scans, png_declaring
-    from tests.serving import ServingStack
+    from harness.images import gif_of_frames, jpeg_with_scans, png_declaring
+    from harness.serving import ServingStack
 
     version = newest_version(export)
     side = math.isqrt(limit)

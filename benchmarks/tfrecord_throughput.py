@@ -9,12 +9,9 @@ Goal (issue 2): at least 1.8x the baseline on 2 cores.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,15 +19,16 @@ import numpy as np
 from lxml import etree
 from PIL import Image
 
-from detkit.config import load_config
-from stages import download, tfrecord
+from detkit.data.annotations import list_pets
+from detkit.data.examples import default_workers
+from harness.repo_copy import stage_command
 
 GOAL = 1.8
 
 
 def build_full_size_set(sample_raw: Path, out: Path, per_class: int) -> int:
     """``per_class`` images of each sample breed, upscaled to 400-500 x 300-500 px."""
-    rows, _, _ = tfrecord.list_pets(sample_raw)
+    rows, _, _ = list_pets(sample_raw)
     annotated = [(s, b) for s, b in rows if (sample_raw / "annotations" / "xmls" / f"{s}.xml").is_file()
                  and (sample_raw / "images" / f"{s}.jpg").read_bytes()[:2] == b"\xff\xd8"]
     by_breed: dict[str, list[str]] = {}
@@ -72,8 +70,7 @@ def timed_run(raw: Path, out: Path, workers: int) -> tuple[float, int]:
     """The stage as `dvc repro` runs it, in its own process; its own figure (listing, pool
     start, writing, stats.json) leaves out the interpreter's start and imports, the same
     for both variants."""
-    result = subprocess.run([sys.executable, "-m", "stages.tfrecord", "--raw", str(raw), "--out", str(out),
-                             "--workers", str(workers)], capture_output=True, text=True, check=True)
+    result = stage_command("tfrecord", "--raw", str(raw), "--out", str(out), "--workers", str(workers))
     count, seconds = re.search(r"tfrecord: (\d+) examples in ([\d.]+) s", result.stdout).groups()
     return float(seconds), int(count)
 
@@ -83,15 +80,13 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=55, help="images per breed (37 breeds)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (best of each)")
     args = parser.parse_args()
-    cfg = load_config(overrides=["dataset=sample"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with contextlib.redirect_stdout(io.StringIO()):
-            download.run(cfg, {"cache": tmp / "cache"}, {"raw": tmp / "sample"})
+        stage_command("download", "--cache", str(tmp / "cache"), "--out", str(tmp / "sample"), "dataset=sample")
         count = build_full_size_set(tmp / "sample", tmp / "raw", args.per_class)
         megabytes = sum(p.stat().st_size for p in (tmp / "raw" / "images").iterdir()) / 1e6
         print(f"bench set: {count} JPEGs, 400-500 x 300-500 px, {megabytes:.0f} MB")
-        workers = tfrecord.default_workers()
+        workers = default_workers()
         # Interleaved rounds, best of each: a shared VM's noise (steal, other tenants) only
         # ever slows a run down, so the fastest round is the closest to the code's own cost.
         base_s = pool_s = float("inf")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from detkit.config import load_config
+from harness.repo_copy import stage_command
 
 OVERRIDES = ["dataset=sample", "model=retinanet_tiny", "train.batch_size=8", "train.warmup_steps=10",
              "train.learning_rate=0.002"]
@@ -28,11 +29,8 @@ GOAL = 0.95
 
 
 def prepare(root: Path) -> Path:
-    from stages import download, tfrecord
-
-    cfg = load_config(overrides=["dataset=sample"])
-    download.run(cfg, {"cache": root / "cache"}, {"raw": root / "raw"})
-    tfrecord.run(cfg, {"raw": root / "raw"}, {"records": root / "records"})
+    stage_command("download", "--cache", str(root / "cache"), "--out", str(root / "raw"), "dataset=sample")
+    stage_command("tfrecord", "--raw", str(root / "raw"), "--out", str(root / "records"), "dataset=sample")
     return root / "records"
 
 
@@ -58,9 +56,9 @@ def bare_fit(cfg, records: Path) -> float:
 
 
 def stage(cfg, records: Path, out: Path) -> float:
-    from stages import train
+    from detkit.train import loop
 
-    summary = train.run(cfg, {"records": records}, {"checkpoints": out / "checkpoints", "log": out / "log.csv",
+    summary = loop.train(cfg, {"records": records}, {"checkpoints": out / "checkpoints", "log": out / "log.csv",
                                                     "val_log": out / "val.csv"},
                         tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     return float(summary["seconds"])

@@ -59,7 +59,7 @@ def demo_run(tmp_path_factory):
     import shutil
     import subprocess
 
-    from tests.repo_copy import make, make_repo_copy
+    from harness.repo_copy import make, make_repo_copy
 
     finished = os.environ.get("DETKIT_TEST_DEMO_REPO")
     if finished:  # iterating on later tests: a copy of a demo run made before (test_demo needs a real one)
@@ -111,7 +111,7 @@ def reexported(demo_repo, tmp_path_factory):
 @pytest.fixture(scope="session")
 def served(demo_repo):
     """The demo's export served as `make serve` does: entrypoint + nginx + TF Serving stand-in."""
-    from tests.serving import ServingStack
+    from harness.serving import ServingStack
 
     with ServingStack(demo_repo / "models" / "export") as stack:
         yield stack

@@ -18,9 +18,9 @@ from PIL import Image
 from detkit.core.fsio import EXPORT_LABEL_MAP, newest_version
 from detkit.eval.draw import PREDICTED
 from detkit.serve import batch
+from harness.repo_copy import make
 from tests.conftest import REPO_ROOT
 from tests.drawing import changed_elsewhere, outline_share
-from tests.repo_copy import make
 
 TOLERANCE = 1e-5  # normalised coordinates and scores: the batch's calls against one image per call
 OUTPUT_KEYS = {"detection_boxes", "detection_classes", "detection_scores", "num_detections"}

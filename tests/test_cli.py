@@ -21,10 +21,10 @@ import requests
 from detkit.config.cli import split_overrides
 from detkit.models.family import INFO_FILE
 from detkit.serve.predict import client_arguments
+from harness.httpserver import free_port
+from harness.repo_copy import activated_env
 from tests.conftest import REPO_ROOT
-from tests.httpserver import free_port
 from tests.moto_server import moto_server
-from tests.repo_copy import activated_env
 
 # Each program with its own arguments ({tmp}: an empty folder), a typo'd override, and the line it must print.
 TYPOS = {

@@ -16,8 +16,8 @@ from PIL import Image
 from detkit.data.labelmap import read_label_map
 from detkit.data.pipeline import encoded_images
 from detkit.eval.draw import PREDICTED, TRUE
+from harness.repo_copy import activated_env, run
 from tests.drawing import outline_share
-from tests.repo_copy import activated_env, run
 
 # TensorFlow's C++ start-up lines: absl's pre-init notice and C++ log records (severity, date, time,
 # thread, file:line]), e.g. CUDA probes on CPU machines, oneDNN and CPU-instruction notices.

@@ -23,9 +23,9 @@ from detkit.config import load_config
 from detkit.data.labelmap import read_label_map
 from detkit.eval.draw import PREDICTED
 from detkit.serve.predict import request_body
+from harness.repo_copy import make
 from tests.drawing import changed_elsewhere, outline_share
 from tests.moto_server import moto_server
-from tests.repo_copy import make
 
 pytestmark = pytest.mark.slow
 

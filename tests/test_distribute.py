@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from detkit.train import distribute
+from harness.repo_copy import activated_env
 from tests import training_state
-from tests.repo_copy import activated_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["dataset=sample", "model=retinanet_tiny", "model.image_size=64", "train.batch_size=4", "train.max_boxes=2",

@@ -16,8 +16,8 @@ import yaml
 from detkit.config import schema
 from detkit.core import fsio
 from detkit.data import annotations, examples, labelmap, records
+from harness.repo_copy import git_files
 from sample import make_sample
-from tests.repo_copy import git_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("dataset", "tfrecords", "models", "export", "serving", "deploy")

@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import ConfigError, cli
 from detkit.data.archive import DISK_BLOCK, ArchiveTooLargeError, DownloadError, UnsafeArchiveError, fetch
+from harness.httpserver import FileServer, dead_url
 from stages import download
 from stages.download import run
 from tests.conftest import REPO_ROOT
-from tests.httpserver import FileServer, dead_url
 
 FILES = {
     "images/Abyssinian_1.jpg": b"\xff\xd8\xff not really a jpeg",

@@ -13,8 +13,8 @@ import pytest
 import requests
 from ruamel.yaml import YAML
 
-from tests.httpserver import free_port
-from tests.repo_copy import make, make_in_background, make_repo_copy, run
+from harness.httpserver import free_port
+from harness.repo_copy import make, make_in_background, make_repo_copy, run
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import boto3
 import pytest
 from ruamel.yaml import YAML
 
+from harness.repo_copy import run
 from tests.moto_server import moto_server
-from tests.repo_copy import run
 from tests.test_dvc_pipeline import quick_copy
 
 pytestmark = pytest.mark.slow

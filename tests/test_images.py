@@ -16,7 +16,7 @@ from PIL import Image
 
 from detkit.data import images
 from detkit.data.images import ImageLimits
-from tests.images import gif_of_frames, jpeg_with_scans, png_declaring
+from harness.images import gif_of_frames, jpeg_with_scans, png_declaring
 
 LIMITS = ImageLimits(max_pixels=25_000_000, max_jpeg_scans=64)
 

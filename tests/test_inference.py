@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from detkit.serve.predict import request_body
-from tests.serving import REPO_ROOT
+from harness.serving import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

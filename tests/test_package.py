@@ -10,8 +10,8 @@ import tarfile
 import pytest
 
 from detkit.config import load_config
+from harness.serving import REPO_ROOT
 from stages import package
-from tests.serving import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

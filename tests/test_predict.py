@@ -11,8 +11,8 @@ from PIL import Image
 from detkit.data.labelmap import read_label_map
 from detkit.eval.draw import PREDICTED
 from detkit.serve.predict import top_detections
+from harness.repo_copy import make
 from tests.drawing import changed_elsewhere, outline_share
-from tests.repo_copy import make
 
 pytestmark = pytest.mark.slow
 

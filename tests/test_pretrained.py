@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from detkit.config import ConfigError, load_config
 from detkit.data.archive import ArchiveError
 from detkit.models import family
+from harness.httpserver import FileServer
 from stages import pretrained
-from tests.httpserver import FileServer
 
 pytestmark = pytest.mark.slow
 

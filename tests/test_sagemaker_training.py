@@ -34,8 +34,8 @@ from detkit.cloud import training_job as S
 from detkit.config import ConfigError, load_config
 from detkit.train import checkpoints as CK
 from detkit.train import progress
+from harness.repo_copy import REPO_ROOT, run
 from tests.moto_server import moto_server
-from tests.repo_copy import REPO_ROOT, run
 from tests.test_dvc_pipeline import quick_copy
 from tests.test_training_contract import QUICK, job_environment, run_in_job
 

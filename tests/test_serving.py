@@ -19,9 +19,9 @@ import requests
 from PIL import Image
 
 from detkit.serve.predict import request_body
-from tests.httpserver import free_port
-from tests.repo_copy import make, make_in_background, user_env
-from tests.serving import REPO_ROOT, ServingStack, alive, descendants
+from harness.httpserver import free_port
+from harness.repo_copy import make, make_in_background, user_env
+from harness.serving import REPO_ROOT, ServingStack, alive, descendants
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from detkit.data.labelmap import read_label_map
 from detkit.serve import signatures
-from tests.images import png_declaring
+from harness.images import png_declaring
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ from PIL import Image
 
 from detkit.serve.predict import request_body
 from detkit.serve.tfserving import BatchingParameters, BatchScheduler, RequestError
-from tests.images import gif_of_frames, jpeg_with_scans, png_declaring
-from tests.serving import descendants
+from harness.images import gif_of_frames, jpeg_with_scans, png_declaring
+from harness.serving import descendants
 
 pytestmark = pytest.mark.slow
 

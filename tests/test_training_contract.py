@@ -19,8 +19,8 @@ from detkit.cloud.training_job import job_request
 from detkit.config import load_config
 from detkit.models import family as F
 from detkit.train import checkpoints as CK
+from harness.repo_copy import REPO_ROOT, activated_env
 from tests import training_state
-from tests.repo_copy import REPO_ROOT, activated_env
 
 QUICK = ["dataset=sample", "model=retinanet_tiny", "train.steps=6", "train.batch_size=4", "train.checkpoint_every=3",
          "train.warmup_steps=0"]

@@ -8,7 +8,7 @@ import pytest
 
 from detkit.cloud import deploy, transform
 from detkit.config import load_config
-from tests.repo_copy import make
+from harness.repo_copy import make
 from tests.test_deploy import BUCKET, MotoEndpointSwitch, RecordingDocker, aws, moto_url, packaged, settings_for
 
 pytestmark = pytest.mark.slow

@@ -67,6 +67,12 @@ def run(cmd: list[str], root: Path, check: bool = True) -> subprocess.CompletedP
     return result
 
 
+def stage_command(stage: str, *args: str, root: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """``python -m stages.<stage> <args>`` in ``root`` as `dvc repro` runs it (the venv's Python), output
+    captured; a failure raises with the stage's own output."""
+    return run([sys.executable, "-m", f"stages.{stage}", *args], root)
+
+
 def make(repo: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``make -s <args>`` in ``repo`` from a user's shell (no venv on PATH), output captured."""
     return subprocess.run(["make", "-s", *args, f"VENV={VENV}"], cwd=repo, env=env or user_env(),

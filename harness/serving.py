@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from tests.httpserver import free_port
+from harness.httpserver import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRYPOINT = REPO_ROOT / "serving" / "entrypoint.sh"
