@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -44,9 +47,8 @@ from unittest import mock
 from omegaconf import OmegaConf
 
 from benchmarks import peak_rss, pets_like
-from harness.repo_copy import activated_env, make_repo_copy
+from harness.repo_copy import REPO_ROOT, activated_env, make_repo_copy
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("download", "tfrecord", "pretrained", "train", "eval", "export", "package")
 DEFAULTS = {"dataset": "oxford_pets", "model": "retinanet_resnet50"}
 MODEL_FILE = f"conf/model/{DEFAULTS['model']}.yaml"
@@ -99,12 +101,28 @@ def edit_dataset_file(repo: Path, archives: dict[str, dict]) -> None:
     OmegaConf.save(conf, path)
 
 
+def default_run_copy(dest: Path, source: Path = REPO_ROOT) -> Path:
+    """A copy of ``source``'s working tree (its code as it stands) whose ``params.yaml`` and ``conf/`` are
+    the committed ones: the rehearsal is of the default run whatever the workspace holds (``make demo``
+    leaves its own values in ``params.yaml``)."""
+    repo = make_repo_copy(dest, source)
+    committed = subprocess.run(["git", "archive", "HEAD", "params.yaml", "conf"], cwd=source, check=True,
+                               capture_output=True).stdout
+    shutil.rmtree(repo / "conf")
+    with tarfile.open(fileobj=io.BytesIO(committed)) as archive:
+        archive.extractall(repo, filter="data")
+    env = activated_env()
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "the committed config"], cwd=repo, check=True,
+                   env=env)
+    return repo
+
+
 def check_defaults(repo: Path) -> None:
     params = OmegaConf.load(repo / "params.yaml")
     wrong = {key: params.get(key) for key, value in DEFAULTS.items() if params.get(key) != value}
     if wrong:
-        raise RehearsalError(f"params.yaml selects {wrong}, not the default run {DEFAULTS} "
-                             "(after `make demo`, `git checkout params.yaml` returns to it)")
+        raise RehearsalError(f"the committed params.yaml selects {wrong}, not the default run {DEFAULTS}")
 
 
 def effective_config(repo: Path) -> str:
@@ -231,7 +249,7 @@ def rehearse(work: Path, args: argparse.Namespace, report: dict) -> None:
     print(result["stdout"].strip())
     preset = json.loads((work / "preset" / "info.json").read_text())
 
-    repo = make_repo_copy(work / "repo")
+    repo = default_run_copy(work / "repo")
     check_defaults(repo)
     edit_dataset_file(repo, archives)
     warmup = args.steps - 1

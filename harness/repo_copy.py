@@ -50,10 +50,11 @@ def git_files(root: Path = REPO_ROOT) -> list[str]:
     return [rel for rel in listed if rel and (root / rel).is_file()]
 
 
-def make_repo_copy(dest: Path) -> Path:
-    for rel in git_files():
+def make_repo_copy(dest: Path, source: Path = REPO_ROOT) -> Path:
+    """``source``'s working tree (git-visible files) as a new git repo of one commit."""
+    for rel in git_files(source):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / rel, dest / rel)
+        shutil.copy2(source / rel, dest / rel)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
         subprocess.run(cmd, cwd=dest, check=True, env=user_env())
     return dest
