@@ -23,7 +23,7 @@ from detkit.config import load_config
 from detkit.data.labelmap import read_label_map
 from detkit.eval.draw import PREDICTED
 from detkit.serve.predict import request_body
-from harness.repo_copy import make
+from harness.repo_copy import REPO_ROOT, make
 from tests.drawing import changed_elsewhere, outline_share
 from tests.moto_server import moto_server
 
@@ -517,18 +517,21 @@ def test_invoke_sends_the_rest_body_as_json_to_the_endpoint(aws, moto_url, monke
                   json={"region": REGION, "results": [{"Body": json.dumps(answer), "ContentType": "application/json"}]})
     image = tmp_path / "pet.png"
     Image.new("RGB", (64, 48), (90, 120, 150)).save(image)
-    assert deploy.main(["invoke", str(image)]) == 0
+    assert deploy.main(["invoke", str(image), "export.model_name=nothing-exported-here"]) == 0
     (request,) = sent
     assert (request["EndpointName"], request["ContentType"]) == ("pet-object-detection", "application/json")
     assert json.loads(request["Body"]) == json.loads(request_body([image.read_bytes()]))
-    assert "id 2 " in capsys.readouterr().out  # no --export: classes by id
+    out, err = capsys.readouterr()
+    assert "id 2 " in out  # no export here: classes by id, and the user is told how to name them
+    folder = REPO_ROOT / "models" / "export" / "nothing-exported-here"
+    assert err == f"invoke: no export in {folder}: classes are shown by id (--export or --label-map names them)\n"
 
 
-def test_a_refusal_is_one_error_line_and_exit_status_1(aws, packaged, capsys):
+def test_a_refusal_is_one_error_line_and_exit_status_2(aws, packaged, capsys):
     context, metrics, archive = packaged
-    status = deploy.main(["--set", "deploy.min_ap50=1.0", "--set", "deploy.image=aws", "deploy", "--context",
-                          str(context), "--archive", str(archive), "--metrics", str(metrics)])
-    assert status == 1
+    status = deploy.main(["deploy", "--context", str(context), "--archive", str(archive), "--metrics", str(metrics),
+                          "deploy.min_ap50=1.0", "deploy.image=aws"])
+    assert status == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: refused: val AP50 ")
     assert aws["sagemaker"].list_models()["Models"] == []

@@ -147,7 +147,8 @@ def compare_prints_both_with_only_the_changed_params(repo, experiments):
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 160
     header = next(line for line in lines if "Experiment" in line)
-    assert header.split() == ["Experiment", "Created", "AP", "AP50", "AP75", "AR100", "dataset", "model",
+    assert header.split() == ["Experiment", "Created", "AP", "AP50", "AP75", "AR100", "parameters",
+                              "train_images_per_second", "dataset", "model",
                               "train.learning_rate"], header  # the one params.yaml key that differs
     end = header.index(" AP50 ") + len(" AP50")  # metrics are right-aligned under their header
     for name in ("lr-exp", "2s-exp"):

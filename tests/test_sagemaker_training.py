@@ -211,7 +211,8 @@ def test_dvc_exp_run_trains_on_sagemaker_uploads_records_once_and_eval_runs_on_w
     assert "train: cost: at most $16.90" in out and f"train: started job {name} on 1 x ml.g5.xlarge (spot)" in out
     # What the job printed, from its logs, before its last status: its own lines, of its step lines the last.
     waited = out[out.index("train: started job"):out.index(f"train: job {name}: Completed")].splitlines()
-    assert "train: 6 steps (from 0) in " in out and progress.parse(waited[-1])["step"] == 6, waited
+    steps = [parsed for parsed in map(progress.parse, waited) if parsed]
+    assert "train: 6 steps (from 0) in " in out and steps and steps[-1]["step"] == 6, waited
     job = sagemaker.describe_training_job(TrainingJobName=name)
     assert job["AlgorithmSpecification"]["TrainingImage"] == GPU_IMAGE
     assert job["AlgorithmSpecification"]["TrainingInputMode"] == "File"

@@ -9,7 +9,7 @@ import pytest
 from detkit.cloud import deploy, transform
 from detkit.config import load_config
 from harness.repo_copy import make
-from tests.test_deploy import BUCKET, MotoEndpointSwitch, RecordingDocker, aws, moto_url, packaged, settings_for
+from tests.test_deploy import BUCKET, RecordingDocker, aws, moto_url, packaged, settings_for
 
 pytestmark = pytest.mark.slow
 __all__ = ["aws", "moto_url", "packaged"]  # fixtures shared with test_deploy
@@ -22,7 +22,7 @@ OUTPUT = f"s3://{BUCKET}/batch/out/"
 def deployed(aws, packaged, val_examples):
     """The demo model deployed on AWS's image, and two images under the input prefix."""
     result = deploy.deploy(settings_for(packaged, "deploy.image=aws"), aws, RecordingDocker(),
-                           MotoEndpointSwitch(aws["sagemaker"]))
+                           deploy.EndpointSwitch(aws["sagemaker"], wait_minutes=1))
     for i, example in enumerate(val_examples[:2]):
         aws["s3"].put_object(Bucket=BUCKET, Key=f"batch/in/pet-{i}.jpg", Body=example["encoded"])
     return result

@@ -42,7 +42,7 @@ from typing import Any
 from detkit.cloud import autoscaling, aws, guardrails
 from detkit.config import repo_root
 from detkit.config.cli import command_parser, export_folder, load, run_command
-from detkit.core.fsio import EXPORT_CHECK
+from detkit.core.fsio import EXPORT_CHECK, newest_version
 
 VARIANT = "AllTraffic"
 MAX_BATCH_SIZE = 32  # TF Serving's batch cap in our entrypoint: more adds latency, not throughput, on CPUs
@@ -406,6 +406,16 @@ def undeploy(settings: Settings, clients: dict[str, Any]) -> None:
           "storage only)")
 
 
+def local_export(folder: Path) -> Path | None:
+    """The endpoint may have been deployed from another machine: without an export here, invoke still
+    answers, naming classes by id."""
+    if newest_version(folder) is None:
+        print(f"invoke: no export in {folder}: classes are shown by id (--export or --label-map names them)",
+              file=sys.stderr)
+        return None
+    return folder
+
+
 def invoker(runtime, endpoint: str) -> Callable[[str], dict[str, Any]]:
     """``send`` for ``detkit.serve.predict.run_client``: ``invoke_endpoint`` with the body of docs/export.md."""
     from detkit.serve.predict import PredictError, parse_response
@@ -458,7 +468,8 @@ def command(args) -> int | None:
         elif args.command == "status":
             status(settings, made)
         elif args.command == "invoke":
-            args.export = args.export or export_folder(cfg)
+            if args.export is None and args.label_map is None:
+                args.export = local_export(export_folder(cfg))
             return run_client(args, invoker(made["sagemaker-runtime"], cfg.deploy.endpoint_name))
         else:
             undeploy(settings, made)

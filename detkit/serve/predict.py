@@ -135,7 +135,8 @@ def run_client(args: argparse.Namespace, send: Callable[[str], dict[str, Any]]) 
     try:
         data = args.image.read_bytes()
         Image.open(io.BytesIO(data)).verify()
-        label_map = read_label_map(args.label_map) if args.label_map else label_map_of(args.export)
+        label_map = (read_label_map(args.label_map) if args.label_map
+                     else label_map_of(args.export) if args.export else {})
         answer = send(request_body([data]))
         out = args.out or args.image.with_name(f"{args.image.stem}_detections.png")
         report(args.image, data, answer["predictions"][0], label_map, out, args.top, args.min_score)
