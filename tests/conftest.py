@@ -17,6 +17,7 @@ os.environ["DVC_ROOT"] = str(REPO_ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """With pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): every test that needs
     the demo's run goes to one worker, so `make demo` runs once; the other tests go by module, so a
