@@ -25,6 +25,7 @@ from harness.httpserver import free_port
 from harness.repo_copy import activated_env
 from tests.conftest import REPO_ROOT
 from tests.moto_server import moto_server
+from tests.test_demo import TF_STARTUP
 
 # Each program with its own arguments ({tmp}: an empty folder), a typo'd override, and the line it must print.
 TYPOS = {
@@ -172,6 +173,7 @@ def test_train_runs_the_steps_and_model_the_overrides_name(workspace, sample_rec
                      "model.image_size=64", "train.steps=2", "train.batch_size=2", "train.warmup_steps=1",
                      "train.checkpoint_every=2", "train.eval_every=0", cwd=workspace)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not TF_STARTUP.search(result.stderr), result.stderr  # nor oneDNN's notice at the first step
     info = json.loads((workspace / "checkpoints" / "final" / INFO_FILE).read_text())
     assert (info["step"], info["image_size"]) == (2, 64), info
 
