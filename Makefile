@@ -27,8 +27,8 @@ INSTANCE_TYPE ?=
 DEPLOY_OVERRIDES = $(if $(AWS_REGION),deploy.region=$(AWS_REGION)) $(if $(DEPLOY_IMAGE),deploy.image=$(DEPLOY_IMAGE)) \
 	$(if $(IMAGE_TAG),deploy.image_tag=$(IMAGE_TAG)) $(if $(INSTANCE_TYPE),deploy.instance_type=$(INSTANCE_TYPE))
 DEPLOY := $(PYTHON) -m detkit.cloud.deploy
-# The demo's params: the embedded sample, the tiny model and a training budget that CPUs finish
-# in about 3 minutes (README: make demo).
+# The demo's params: the embedded sample, the tiny model and a training budget CPUs finish in minutes
+# (its measured time: README, make demo).
 DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learning_rate=0.002 \
 	train.warmup_steps=100 train.class_loss_weight=10 train.checkpoint_every=250 train.eval_every=250
 

@@ -20,7 +20,7 @@ from harness.repo_copy import git_files
 from sample import make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("dataset", "tfrecords", "models", "export", "serving", "deploy")
+PAGES = ("dataset", "tfrecords", "pipeline", "training", "models", "export", "serving", "deploy")
 # Spelled with a character class so that this file does not match itself.
 OUTSIDE_DOCUMENT = re.compile(r"\bD[E]SIGN\b")
 LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]\n]+\]:\s*(\S+)", re.M)
@@ -90,6 +90,27 @@ def test_every_docs_page_that_the_code_names_exists():
     assert named
     missing = sorted(f"{name}: {pointer}" for name, pointer in named if not (ROOT / pointer).is_file())
     assert not missing, "\n".join(missing)
+
+
+def readme_map() -> list[str]:
+    """The paths the README's "Where things live" table names (its first column)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Where things live"):].split("\n## ", 1)[0]
+    return [path for row in table.splitlines() if row.startswith("| `")
+            for path in re.findall(r"`([^`]+)`", row.split("|")[1])]
+
+
+def test_readme_map_names_existing_paths_every_folder_and_every_detkit_subpackage():
+    named = readme_map()
+    assert [path for path in named if not (ROOT / path).exists()] == []
+    top_folders = {name.split("/", 1)[0] for name in git_files() if "/" in name} - {"detkit"}  # by subpackage
+    subpackages = {f"detkit/{p.parent.name}" for p in (ROOT / "detkit").glob("*/__init__.py")}
+    assert sorted(top_folders | subpackages) == sorted({path.rstrip("/") for path in named} - {"params.yaml",
+                                                                                                "dvc.yaml"})
+
+
+def test_readme_stays_a_guide():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 400
 
 
 def test_readme_links_every_contract():

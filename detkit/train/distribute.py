@@ -8,7 +8,7 @@
 - ``multi_worker``: ``tf.distribute.MultiWorkerMirroredStrategy`` from ``TF_CONFIG``, which names
   every worker (``host:port``) and this process's place among them. SageMaker's TensorFlow
   toolkit writes it on each instance when the job asks for multi-worker mirrored strategy; on
-  one's own machines it is set by hand (README: "Training on several machines").
+  one's own machines it is set by hand (docs/training.md: "Training on several machines").
 - ``auto``: ``multi_worker`` where ``TF_CONFIG`` names two or more workers, ``mirrored`` where
   there are GPUs, ``none`` otherwise.
 
@@ -76,7 +76,7 @@ def plan(t, environ=os.environ) -> Plan:
     if kind == "multi_worker":
         if workers < 2:
             raise ValueError("train.distribute: multi_worker needs TF_CONFIG naming at least two workers "
-                             "(README: Training on several machines)")
+                             "(docs/training.md: Training on several machines)")
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         resolver = strategy.cluster_resolver
         chief = resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0
