@@ -1,10 +1,11 @@
 """DVC stage ``download``: bring the raw dataset into ``data/raw/``.
 
 Either downloads, verifies and unpacks ``dataset.archives`` (mirrors tried in order), or
-copies ``dataset.local_dir`` for a dataset that is already on disk. Downloads go through
+copies ``dataset.local_dir``'s regular files for a dataset that is already on disk (links out of
+it and special files are named and skipped, never opened: ``detkit.core.tree``). Downloads go through
 a cache folder that is not a DVC output, because DVC deletes a stage's outputs before
 running it and an interrupted 800 MB download should resume, not start over. Extraction
-stops before the archives together write more than ``dataset.max_extracted_bytes``; its
+and the copy stop before they write more than ``dataset.max_extracted_bytes``; the
 temporary folder goes on any failure, Ctrl-C and SIGTERM included.
 
     python -m stages.download --out data/raw --cache data/downloads [--params params.yaml]
@@ -13,7 +14,6 @@ temporary folder goes on any failure, Ctrl-C and SIGTERM included.
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig
 from detkit.config import ConfigError, workspace_root
 from detkit.config.cli import command_parser, run_stage
 from detkit.core.fsio import atomic_dir
+from detkit.core.tree import TooLargeError, copy_regular_files
 from detkit.data.archive import ArchiveError, Budget, archive_suffix, fetch, safe_extract
 
 
@@ -40,7 +41,7 @@ def _check_archives(archives: ListConfig) -> None:
         names.add(archive.name)
 
 
-def _copy_local(local_dir: str, out: Path) -> dict:
+def _copy_local(local_dir: str, out: Path, limit: int) -> dict:
     source = Path(local_dir)
     source = source if source.is_absolute() else workspace_root() / source
     if not source.is_dir():
@@ -49,10 +50,13 @@ def _copy_local(local_dir: str, out: Path) -> dict:
         # Copying a folder into itself would recurse without end.
         raise ConfigError(f"dataset.local_dir: {source} contains the output folder {out}")
     with atomic_dir(out) as tmp:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        copied, unread = copy_regular_files(source, tmp, "dataset.local_dir", limit, "dataset.max_extracted_bytes")
         files = sum(1 for path in tmp.rglob("*") if path.is_file())
-    print(f"download: copied {files} files from {source} to {out}")
-    return {"local_dir": str(source), "files": files, "output": str(out)}
+    for rel, reason in sorted(unread.items()):
+        print(f"download: skipped {source / rel}: {reason}")
+    print(f"download: copied {files} files ({copied:,} bytes) from {source} to {out}"
+          + (f"; {len(unread)} paths skipped" if unread else ""))
+    return {"local_dir": str(source), "files": files, "bytes": copied, "skipped": unread, "output": str(out)}
 
 
 def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> dict:
@@ -65,7 +69,7 @@ def run(cfg: DictConfig, inputs: dict[str, Path], outputs: dict[str, Path]) -> d
     if dataset.local_dir and dataset.archives:
         raise ConfigError("dataset: set either archives or local_dir, not both")
     if dataset.local_dir:
-        return _copy_local(dataset.local_dir, out)
+        return _copy_local(dataset.local_dir, out, dataset.max_extracted_bytes)
     if not dataset.archives:
         raise ConfigError("dataset: neither archives nor local_dir is set; nothing to download")
     _check_archives(dataset.archives)
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, required=True, help="download cache folder (kept across runs)")
     root = workspace_root()
     return run_stage(parser, argv, lambda cfg, args: run(cfg, {"cache": root / args.cache}, {"raw": root / args.out}),
-                     errors=(ArchiveError,))
+                     errors=(ArchiveError, TooLargeError))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from detkit.config import ConfigError, cli
+from detkit.core.tree import TooLargeError
 from detkit.data.archive import DISK_BLOCK, ArchiveTooLargeError, DownloadError, UnsafeArchiveError, fetch
 from harness.httpserver import FileServer, dead_url
 from stages import download
@@ -291,6 +292,49 @@ def test_local_dir_is_copied(cfg, tmp_path):
     summary = run(cfg, inputs, outputs)
     assert tree(outputs["raw"]) == FILES
     assert summary["files"] == len(FILES)
+
+
+def test_local_dir_copies_only_its_regular_files_and_names_every_other_path(cfg, tmp_path, capsys):
+    source = tmp_path / "mydata"
+    for name, data in FILES.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(data)
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"not yours")
+    os.mkfifo(tmp_path / "outside-fifo")  # were it followed and opened, the stage would block for ever
+    os.mkfifo(source / "images" / "pipe")
+    (source / "loop").symlink_to("loop")
+    (source / "gone").symlink_to("nowhere.jpg")
+    (source / "escape.txt").symlink_to(outside)
+    (source / "escape-fifo").symlink_to(tmp_path / "outside-fifo")
+    (source / "alias.jpg").symlink_to(source / next(iter(FILES)))  # a link to a file inside: copied
+    cfg = OmegaConf.merge(cfg, {"dataset": {"archives": [], "local_dir": str(source)}})
+    inputs, outputs = dirs(tmp_path)
+    summary = run(cfg, inputs, outputs)
+    assert tree(outputs["raw"]) == {**FILES, "alias.jpg": FILES[next(iter(FILES))]}
+    assert summary["skipped"] == {
+        "escape-fifo": f"link to '{tmp_path / 'outside-fifo'}', outside dataset.local_dir: not followed",
+        "escape.txt": f"link to '{outside}', outside dataset.local_dir: not followed",
+        "gone": "dangling link: 'nowhere.jpg' does not exist",
+        "images/pipe": "a FIFO (named pipe): not read",
+        "loop": "link loop: 'loop' leads back to a link on its way"}
+    printed = capsys.readouterr().out
+    assert f"download: skipped {source / 'images' / 'pipe'}: a FIFO (named pipe): not read" in printed
+    assert "5 paths skipped" in printed
+
+
+def test_local_dir_past_the_limit_is_refused_and_nothing_is_kept(cfg, tmp_path):
+    source = tmp_path / "mydata"
+    source.mkdir()
+    (source / "a.bin").write_bytes(b"a" * 600)
+    (source / "b.bin").write_bytes(b"b" * 600)
+    cfg = OmegaConf.merge(cfg, {"dataset": {"archives": [], "local_dir": str(source), "max_extracted_bytes": 1000}})
+    inputs, outputs = dirs(tmp_path)
+    refusal = (rf"{source / 'b.bin'}: refusing it \(600 bytes\): with it dataset.local_dir would copy 1,200 bytes, "
+               r"more than dataset.max_extracted_bytes = 1,000")
+    with pytest.raises(TooLargeError, match=refusal):
+        run(cfg, inputs, outputs)
+    assert not outputs["raw"].exists() and siblings(outputs["raw"]) == []
 
 
 def test_missing_local_dir_is_named(cfg, tmp_path):

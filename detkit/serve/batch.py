@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import io
 import json
 import os
 import queue
-import stat
 import sys
 import threading
 import time
@@ -50,6 +48,7 @@ from PIL import Image, UnidentifiedImageError
 from detkit.config.cli import command_parser, export_folder, fail, load, run_command
 from detkit.core import tflog
 from detkit.core.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, atomic_write_json, newest_version
+from detkit.core.tree import open_regular, regular_files
 from detkit.data.labelmap import LabelMapError, read_label_map
 from detkit.eval import coco
 from detkit.serve.predict import DEFAULT_MIN_SCORE, DEFAULT_TOP, draw_detections
@@ -95,43 +94,6 @@ def image_format(head: bytes) -> str | None:
     return next((name for magic, name in SIGNATURES if head.startswith(magic)), None)
 
 
-# What is not a regular file, by its mode: never opened (opening a FIFO blocks until someone writes).
-SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
-
-
-def _special(mode: int) -> str:
-    return next((name for is_kind, name in SPECIAL_FILES if is_kind(mode)), "not a regular file")
-
-
-def _inside(folder: Path, path: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def _link_reason(link: Path, root: Path, output_dir: Path) -> str | None:
-    """Why the symbolic link ``link`` under ``root`` is not read, or None: it leads to a regular file in INPUT.
-    Links are resolved, never followed to read anything, to judge them."""
-    target = os.readlink(link)
-    try:
-        real = Path(os.path.realpath(link, strict=True))
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return f"link loop: '{target}' leads back to a link on its way"
-        if exc.errno == errno.ENOENT:
-            return f"dangling link: '{target}' does not exist"
-        return f"link to '{target}' cannot be resolved: {exc.strerror}"
-    if not _inside(root, real):
-        return f"link to '{real}', outside INPUT: not followed"
-    if _inside(output_dir, real):
-        return "link into OUTPUT: outputs are not inputs"
-    mode = os.stat(real).st_mode
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "link to a folder: not followed (the files in INPUT are read under their own paths)"
-    return f"link to {_special(mode)}: not read"
-
-
 def input_files(input_dir: Path, output_dir: Path) -> tuple[list[str], dict[str, str]]:
     """Every regular file under ``input_dir`` (relative, '/'-separated, sorted), links to one inside it
     included, and each other path found there with why it is not read: special files, links that loop,
@@ -140,40 +102,9 @@ def input_files(input_dir: Path, output_dir: Path) -> tuple[list[str], dict[str,
     if not input_dir.is_dir():
         raise BatchError(f"{input_dir}: INPUT is not a folder" if input_dir.exists() else
                          f"{input_dir}: INPUT does not exist")
-    root, output_dir = input_dir.resolve(), output_dir.resolve()
-    if output_dir == root:
+    if output_dir.resolve() == input_dir.resolve():
         raise BatchError(f"{output_dir}: OUTPUT must not be INPUT: the outputs would be taken for inputs")
-    files: list[str] = []
-    unread: dict[str, str] = {}
-    folders = [root]
-    while folders:
-        folder = folders.pop()
-        try:
-            with os.scandir(folder) as listing:
-                entries = list(listing)
-        except OSError as exc:
-            unread[folder.relative_to(root).as_posix()] = f"folder that cannot be listed: {exc.strerror}"
-            continue
-        for entry in entries:
-            path = Path(entry.path)
-            rel = path.relative_to(root).as_posix()
-            try:
-                mode = entry.stat(follow_symlinks=False).st_mode
-            except FileNotFoundError:  # gone since the folder was listed
-                continue
-            if stat.S_ISDIR(mode):
-                if path != output_dir:
-                    folders.append(path)
-            elif stat.S_ISREG(mode):
-                files.append(rel)
-            elif stat.S_ISLNK(mode):
-                reason = _link_reason(path, root, output_dir)
-                if reason is None:
-                    files.append(rel)
-                else:
-                    unread[rel] = reason
-            else:
-                unread[rel] = f"{_special(mode)}: not read"
+    files, unread = regular_files(input_dir, "INPUT", output_dir, "OUTPUT: outputs are not inputs")
     if not files and not unread:
         raise BatchError(f"{input_dir}: INPUT holds no files")
     return sorted(files), unread
@@ -190,7 +121,7 @@ def drawn_path(output_dir: Path, rel: str) -> Path:
 def read_picture(path: Path, rel: str) -> Picture | str:
     """The file, or why it is not an image; the size comes from the header (the decoding is the model's)."""
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:
             head = f.read(SNIFF_BYTES)
             kind = image_format(head)
             if kind is None:
