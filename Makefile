@@ -50,7 +50,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo repro exp compare mlflow-ui bench rehearsal clean serve predict batch docker-test \
+.PHONY: help setup test lint demo repro exp compare mlflow-ui bench fuzz rehearsal clean serve predict batch docker-test \
 	deploy invoke status undeploy
 
 help: ## list the targets
@@ -97,6 +97,9 @@ compare: ## the workspace and its experiments side by side: AP, AP50, AP75, AR10
 
 mlflow-ui: ## the MLflow UI on the same runs (http://127.0.0.1:$(MLFLOW_PORT), MLFLOW_PORT=...)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+fuzz: ## the fuzz test with many more cases than make test runs (HYPOTHESIS_PROFILE=fuzz; runs make demo first, minutes)
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -s -p no:cacheprovider tests/test_fuzz.py
 
 bench: ## print the speed and memory benchmarks (figures and ratios against in-run baselines; the rehearsal too)
 	$(PYTHON) -m benchmarks.tfrecord_throughput
