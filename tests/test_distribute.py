@@ -164,7 +164,9 @@ def test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes(
     deadline = time.time() + 600
     while time.time() < deadline and (json.loads((chief_dir / "checkpoint.json").read_text())["step"]
                                       if (chief_dir / "checkpoint.json").is_file() else 0) < 8:
-        assert all(w.poll() is None for w in workers), "a worker ended before it was killed"
+        ended = [index for index, w in enumerate(workers) if w.poll() is not None]
+        assert not ended, "a worker ended before it was killed:\n" + "\n".join(
+            (tmp_path / f"worker{index}.out").read_text()[-3000:] for index in ended)
         time.sleep(0.2)
     for worker in workers:
         os.killpg(worker.pid, signal.SIGKILL)
