@@ -50,7 +50,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo repro exp compare mlflow-ui bench fuzz rehearsal clean serve predict batch docker-test \
+.PHONY: help setup test lint demo repro exp compare mlflow-ui bench fuzz mutate rehearsal clean serve predict batch docker-test \
 	deploy invoke status undeploy
 
 help: ## list the targets
@@ -100,6 +100,11 @@ mlflow-ui: ## the MLflow UI on the same runs (http://127.0.0.1:$(MLFLOW_PORT), M
 
 fuzz: ## the fuzz test with many more cases than make test runs (HYPOTHESIS_PROFILE=fuzz; runs make demo first, minutes)
 	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -s -p no:cacheprovider tests/test_fuzz.py
+
+mutate: ## mutation testing (mutmut) of the pure-Python core against its fast tests: score per module, survivors (long; not in make test)
+	$(VENV)/bin/mutmut run --max-children $(TEST_WORKERS)
+	$(PYTHON) -m harness.mutation_score
+	$(VENV)/bin/mutmut results
 
 bench: ## print the speed and memory benchmarks (figures and ratios against in-run baselines; the rehearsal too)
 	$(PYTHON) -m benchmarks.tfrecord_throughput
