@@ -18,6 +18,7 @@ from detkit.core import fsio
 from detkit.data import annotations, examples, labelmap, records
 from harness.repo_copy import git_files
 from sample import make_sample
+from tests.test_layers import LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("dataset", "tfrecords", "pipeline", "training", "models", "export", "serving", "deploy")
@@ -92,11 +93,14 @@ def test_every_docs_page_that_the_code_names_exists():
     assert not missing, "\n".join(missing)
 
 
+def readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index(f"## {title}"):].split("\n## ", 1)[0]
+
+
 def readme_map() -> list[str]:
     """The paths the README's "Where things live" table names (its first column)."""
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Where things live"):].split("\n## ", 1)[0]
-    return [path for row in table.splitlines() if row.startswith("| `")
+    return [path for row in readme_section("Where things live").splitlines() if row.startswith("| `")
             for path in re.findall(r"`([^`]+)`", row.split("|")[1])]
 
 
@@ -105,8 +109,15 @@ def test_readme_map_names_existing_paths_every_folder_and_every_detkit_subpackag
     assert [path for path in named if not (ROOT / path).exists()] == []
     top_folders = {name.split("/", 1)[0] for name in git_files() if "/" in name} - {"detkit"}  # by subpackage
     subpackages = {f"detkit/{p.parent.name}" for p in (ROOT / "detkit").glob("*/__init__.py")}
-    assert sorted(top_folders | subpackages) == sorted({path.rstrip("/") for path in named} - {"params.yaml",
-                                                                                                "dvc.yaml"})
+    folders = {path.rstrip("/") for path in named if (ROOT / path).is_dir()}
+    assert sorted((top_folders | subpackages) - folders) == [], "folders the map leaves out"
+    assert sorted(folders - top_folders - subpackages) == [], "neither a tracked folder nor a detkit subpackage"
+
+
+def test_readme_map_states_the_import_order_that_the_layers_test_enforces():
+    section = readme_section("Where things live")
+    assert " -> ".join(LAYERS) in " ".join(section.split())  # Markdown reflows lines
+    assert len([row for row in section.splitlines() if row.startswith("| `")]) <= 25  # read at a glance
 
 
 def test_readme_stays_a_guide():
@@ -114,8 +125,7 @@ def test_readme_stays_a_guide():
 
 
 def test_readme_links_every_contract():
-    readme = (ROOT / "README.md").read_text()
-    contracts = readme[readme.index("## Contracts"):].split("\n## ", 1)[0]
+    contracts = readme_section("Contracts")
     pages = sorted(p.stem for p in (ROOT / "docs").glob("*.md"))
     assert sorted(PAGES) == pages
     assert [p for p in pages if f"](docs/{p}.md)" not in contracts] == []
