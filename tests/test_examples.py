@@ -32,6 +32,19 @@ def test_a_bad_value_skips_the_image_naming_the_annotation_field_and_value(tmp_p
         "annotation": "annotations/xmls/cat_2.xml", "field": "object[1]/bndbox/xmax", "value": "nan"}
 
 
+def test_an_annotation_not_in_its_encoding_skips_the_image_naming_the_annotation(tmp_path):
+    # One byte of UTF-8 flipped (as the fuzz test found): lxml reading the file raised a bare OSError,
+    # which ended the stage.
+    good, bad = task(tmp_path, "cat_1"), task(tmp_path, "cat_2")
+    path = tmp_path / "annotations" / "xmls" / "cat_2.xml"
+    path.write_bytes(path.read_bytes().replace(b"<name>cat", b"<name>\xe9cat"))
+    _, results = write_shard(ShardJob(str(tmp_path / "shard"), [good, bad]), {"cat": 1})
+    assert "skip" not in results[0]
+    assert results[1]["annotation"] == "annotations/xmls/cat_2.xml"
+    assert results[1]["skip"].startswith("invalid annotation annotations/xmls/cat_2.xml: Invalid bytes in character "
+                                         "encoding")
+
+
 def test_an_error_in_a_worker_process_names_the_file_it_was_on(tmp_path):
     # An image that vanished after the listing: nothing checks for it, so open() raises in the worker.
     jobs = [ShardJob(str(tmp_path / "train-0"), [task(tmp_path, "cat_1")]),

@@ -134,8 +134,10 @@ def _number(element: etree._Element, path: str, field: str, rule: Rule | None = 
 
 def parse_objects(xml: str) -> tuple[tuple[int, int] | None, list[dict[str, Any]]]:
     """The ``<size>`` (width, height), if given, and every ``<object>``; any value read that is not a
-    usable number raises ``AnnotationError`` naming its field (``object[2]/bndbox/xmin``)."""
-    root = etree.parse(xml).getroot()
+    usable number raises ``AnnotationError`` naming its field (``object[2]/bndbox/xmin``). The bytes are
+    parsed, not the file: text that is not in its encoding is then an ``XMLSyntaxError`` like any other
+    malformed XML (lxml reading the file itself raises a bare OSError for it)."""
+    root = etree.fromstring(Path(xml).read_bytes(), base_url=xml)
     size = root.find("size")
     xml_size = None
     if size is not None:
