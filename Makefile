@@ -56,7 +56,7 @@ export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^## / {printf "\n%s\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-## Set-up
+## Set-up and tests
 setup: $(VENV)/.installed ## create .venv with the pinned stack, install nginx, its njs module and envsubst if missing
 	@missing="$$(command -v nginx >/dev/null || echo nginx) $$(command -v envsubst >/dev/null || echo gettext-base)"; \
 	missing="$$missing $$([ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || echo libnginx-mod-http-js)"; \
@@ -78,6 +78,14 @@ lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
 	$(VENV)/bin/shellcheck serving/*.sh
 	$(VENV)/bin/hadolint serving/Dockerfile
 
+fuzz: ## the fuzz test with many more cases than make test runs (HYPOTHESIS_PROFILE=fuzz; runs make demo first, minutes)
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -s -p no:cacheprovider tests/test_fuzz.py
+
+mutate: ## mutation testing (mutmut) of the pure-Python core against its fast tests: score per module, survivors (long; not in make test)
+	$(VENV)/bin/mutmut run --max-children $(TEST_WORKERS)
+	$(PYTHON) -m harness.mutation_score
+	$(VENV)/bin/mutmut results
+
 ## Pipeline
 demo: ## the whole pipeline on the embedded sample with the tiny model, as a DVC experiment (CPU, minutes)
 	$(DVC) exp run $(addprefix -S ,$(DEMO_PARAMS))
@@ -97,14 +105,6 @@ compare: ## the workspace and its experiments side by side: AP, AP50, AP75, AR10
 
 mlflow-ui: ## the MLflow UI on the same runs (http://127.0.0.1:$(MLFLOW_PORT), MLFLOW_PORT=...)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
-
-fuzz: ## the fuzz test with many more cases than make test runs (HYPOTHESIS_PROFILE=fuzz; runs make demo first, minutes)
-	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -s -p no:cacheprovider tests/test_fuzz.py
-
-mutate: ## mutation testing (mutmut) of the pure-Python core against its fast tests: score per module, survivors (long; not in make test)
-	$(VENV)/bin/mutmut run --max-children $(TEST_WORKERS)
-	$(PYTHON) -m harness.mutation_score
-	$(VENV)/bin/mutmut results
 
 bench: ## print the speed and memory benchmarks (figures and ratios against in-run baselines; the rehearsal too)
 	$(PYTHON) -m benchmarks.tfrecord_throughput

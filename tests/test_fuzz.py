@@ -10,7 +10,7 @@ under a bound.
 
 Hypothesis draws the cases, derandomized (the same cases on every run). `make test` runs the
 ``suite`` profile (well under a minute of cases); `make fuzz` runs the ``fuzz`` profile, many more
-(``HYPOTHESIS_PROFILE=fuzz``). `make batch` and the tfrecord stage take a second or more to start, so
+(``HYPOTHESIS_PROFILE=fuzz``). `make batch` and the tfrecord stage take seconds to start, so
 they run once over all their cases (``drawn``) rather than once a case."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ settings.load_profile(PROFILE)
 BATCH_CASES = {"suite": 60, "fuzz": 600}[PROFILE]
 XML_CASES = {"suite": 80, "fuzz": 800}[PROFILE]
 
-ANSWER_S = 10.0  # the slowest answer allowed for one request of a few KB
+ANSWER_S = 10.0  # the slowest answer allowed for one request (at most a few hundred KB)
 # Memory: what the cases may add to a process that has the model loaded already (this test process,
 # the serving stack's processes together), and the peak of a run started for them (make batch's
 # processes together, the tfrecord stage's); the model alone takes about 0.9 GB.
