@@ -5,9 +5,10 @@ not), regular files are listed, and so is a link that resolves to a regular file
 everything else is named with why it is not read: FIFOs, sockets and devices (opening a FIFO blocks
 until someone writes), links that loop, dangle, or lead to a folder, a special file or out of the
 folder (resolved to be judged, never followed), folders that cannot be listed. ``open_regular``
-opens a listed file without blocking and refuses it if it is no longer a regular file (swapped since
-it was listed); ``copy_regular_files`` copies what ``regular_files`` lists, within a byte limit. ``make
-batch`` and the download stage's ``dataset.local_dir`` copy use them."""
+opens a listed file without blocking and without leaving the folder, even where a path on the way
+was swapped for a link since the listing, and refuses it if it is no longer a regular file;
+``copy_regular_files`` copies what ``regular_files`` lists, within a byte limit. ``make batch`` and
+the download stage's ``dataset.local_dir`` copy use them."""
 
 from __future__ import annotations
 
@@ -99,10 +100,29 @@ def regular_files(folder: Path, label: str, skip: Path | None = None,
     return sorted(files), unread
 
 
-def open_regular(path: Path) -> BinaryIO:
-    """``path`` opened for reading; never blocks (O_NONBLOCK), and raises ``NotRegularFileError`` when
-    what it opened is not a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+def open_regular(folder: Path, rel: str) -> BinaryIO:
+    """``folder/rel``, a file ``regular_files`` listed, opened for reading without leaving ``folder`` or
+    blocking, whatever changed since the listing: each folder on the way is opened from the one above
+    without following a link (O_NOFOLLOW), a link at the end is resolved again and its target, if
+    still inside, opened the same way, and the file with O_NONBLOCK. Raises ``NotRegularFileError``
+    when what was opened is not a regular file, OSError when a link now stands on the way."""
+    root = folder.resolve()
+    path = root / rel
+    if path.is_symlink():
+        real = Path(os.path.realpath(path))
+        if not inside(root, real):
+            raise NotRegularFileError(errno.EXDEV, f"link to '{real}', outside the folder", str(path))
+        rel = real.relative_to(root).as_posix()
+    *folders, name = rel.split("/")
+    at = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in folders:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=at)
+            os.close(at)
+            at = inner
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY, dir_fd=at)
+    finally:
+        os.close(at)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -125,7 +145,7 @@ def copy_regular_files(source: Path, dest: Path, label: str, limit: int, limit_k
     files, unread = regular_files(source, label)
     copied = 0
     for rel in files:
-        with open_regular(source / rel) as f:
+        with open_regular(source, rel) as f:
             size = os.fstat(f.fileno()).st_size
             if copied + size > limit:
                 raise TooLargeError(f"{source / rel}: refusing it ({size:,} bytes): with it {label} would copy "

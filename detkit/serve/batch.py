@@ -118,10 +118,11 @@ def drawn_path(output_dir: Path, rel: str) -> Path:
     return output_dir / f"{rel}_detections.png"
 
 
-def read_picture(path: Path, rel: str) -> Picture | str:
-    """The file, or why it is not an image; the size comes from the header (the decoding is the model's)."""
+def read_picture(input_dir: Path, rel: str) -> Picture | str:
+    """The file ``input_dir/rel``, or why it is not an image; the size comes from the header (the decoding
+    is the model's)."""
     try:
-        with open_regular(path) as f:
+        with open_regular(input_dir, rel) as f:
             head = f.read(SNIFF_BYTES)
             kind = image_format(head)
             if kind is None:
@@ -144,7 +145,7 @@ def read_batches(input_dir: Path, files: Iterable[str], batch_size: int) -> Iter
     pictures: list[Picture] = []
     bad: list[tuple[str, str]] = []
     for rel in files:
-        read = read_picture(input_dir / rel, rel)
+        read = read_picture(input_dir, rel)
         if isinstance(read, str):
             bad.append((rel, read))
         else:
