@@ -119,8 +119,8 @@ def header_fields(data: bytes) -> list[tuple[int, str]]:
         if start > 0:
             fields += [(start + 3, "<H"), (start + 5, "<H")]
     elif data.startswith(b"\xff\xd8"):
-        for marker in (b"\xff\xc0", b"\xff\xc2"):  # baseline or progressive frame header
-            frame = data.find(marker)
+        for marker in (b"\xff\xc0", b"\xff\xc2"):  # baseline or progressive frame header: its length,
+            frame = data.find(marker)  # height, width and components
             if frame > 0:
                 fields += [(frame + 2, ">H"), (frame + 5, ">H"), (frame + 7, ">H"), (frame + 9, ">B")]
         scan = data.find(b"\xff\xda")
@@ -223,9 +223,9 @@ def test_mutated_images_in_process_are_answered_or_refused(seeds, signature):
     case()
     peak = peaks([os.getpid()])
     print(f"fuzz, in-process: {sum(seen.values())} cases {seen} in {time.perf_counter() - started_all:.1f} s; "
-          f"peak memory of this process {peak / 2**30:.2f} GB, {(peak - before) / 2**30:.2f} GB over its start")
+          f"peak memory of this process {peak / 1e9:.2f} GB, {(peak - before) / 1e9:.2f} GB over its start")
     assert seen["answered"] and seen["refused"]  # the cases reach both ends, not only one
-    assert peak - before < GROWTH_GB * 2**30
+    assert peak - before < GROWTH_GB * 1e9
 
 
 def test_mutated_images_through_nginx_get_200_or_a_4xx_json(seeds, served):
@@ -252,11 +252,11 @@ def test_mutated_images_through_nginx_get_200_or_a_4xx_json(seeds, served):
     case()
     peak = peaks(stack)
     print(f"fuzz, through nginx: {sum(statuses.values())} cases, answers by status {statuses} in "
-          f"{time.perf_counter() - started_all:.1f} s; peak memory of the serving stack {peak / 2**30:.2f} GB, "
-          f"{(peak - before) / 2**30:.2f} GB over its start")
+          f"{time.perf_counter() - started_all:.1f} s; peak memory of the serving stack {peak / 1e9:.2f} GB, "
+          f"{(peak - before) / 1e9:.2f} GB over its start")
     assert 200 in statuses and 400 in statuses
     assert requests.get(served.ping_url, timeout=10).status_code == 200
-    assert peak - before < GROWTH_GB * 2**30
+    assert peak - before < GROWTH_GB * 1e9
 
 
 def test_make_batch_answers_or_lists_every_mutated_file(seeds, demo_repo, tmp_path):
