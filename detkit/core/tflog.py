@@ -7,8 +7,8 @@ and CPU-instruction notices. ``install()`` (called when ``detkit`` is imported, 
 any stage imports TensorFlow) wraps the first ``import tensorflow``: while TensorFlow
 imports and probes its devices, file descriptor 2 goes to a temporary file; afterwards the
 C++ log lines are dropped and everything else written meanwhile is passed on to stderr (and
-oneDNN's data-type notice, which would come at the first training step, is made to come then:
-``_log_onednn_notice``). If
+oneDNN's data-type notice, which would come at the first training step, is made to come before
+it, dropped the same way: ``log_onednn_notice``). If
 the import fails, everything is passed on. Later C++ logs keep TensorFlow's own filter,
 ``TF_CPP_MIN_LOG_LEVEL``, which defaults to 1 here (warnings and errors shown, info not).
 
@@ -65,19 +65,26 @@ class _QuietLoader(importlib.abc.Loader):
             self.loader.exec_module(module)
             # Device probing (cuInit and friends) logs at the first device query, not at import.
             module.config.list_physical_devices()
-            _log_onednn_notice(module)
 
 
-def _log_onednn_notice(tf) -> None:
-    """Have oneDNN's one data-type notice logged now, while it is dropped, rather than at training time.
+def log_onednn_notice() -> None:
+    """Have oneDNN's one data-type notice logged now, while it is dropped, rather than at the first step.
 
     On CPUs without AVX-512, the first integer Transpose oneDNN sees logs "oneDNN supports DT_INT64
     only on platforms with AVX-512. Falling back to the default Eigen-based implementation" at error
     level, once per process. Training meets one inside KerasHub's box matching (Keras' TensorFlow
     backend transposes int64 indices), which is not ours to change; turning oneDNN off
     (TF_ENABLE_ONEDNN_OPTS=0) would silence it at 2.7x the train step's time on such a CPU. Nothing is
-    wrong: Eigen runs the integer ops, as it would without oneDNN."""
-    tf.transpose(tf.zeros([1, 2], tf.int64))
+    wrong: Eigen runs the integer ops, as it would without oneDNN.
+
+    Called by training once its distribution strategy exists: running an op sets up TensorFlow's
+    runtime, after which a multi-worker strategy can no longer configure its collective ops."""
+    if os.environ.get(VARIABLE, "").lower() in ("1", "true", "yes"):
+        return
+    import tensorflow as tf
+
+    with _without_cpp_lines():
+        tf.transpose(tf.zeros([1, 2], tf.int64))
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ import tensorflow as tf
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from detkit.core import tflog
 from detkit.core.fsio import atomic_dir, atomic_write_bytes
 from detkit.data import pipeline
 from detkit.data.labelmap import read_label_map
@@ -66,6 +67,7 @@ def train(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *, tracking_ur
         plan = distribute.plan(t)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
+    tflog.log_onednn_notice()
 
     index = CK.latest(checkpoints)
     if index and index["fingerprint"] != fp:
