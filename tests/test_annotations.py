@@ -31,6 +31,14 @@ def test_a_good_annotation_is_read(tmp_path):
                         "view": "Frontal"}]
 
 
+def test_what_an_annotation_leaves_out_takes_its_default(tmp_path):
+    xml = tmp_path / "a.xml"
+    xml.write_text("<annotation><object><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>9</xmax><ymax>8</ymax></bndbox>"
+                   "</object></annotation>")
+    assert parse_objects(str(xml)) == (None, [{"name": "", "box": [1.0, 2.0, 9.0, 8.0], "difficult": 0,
+                                               "truncated": 0, "view": ""}])
+
+
 @pytest.mark.parametrize("field, value, problem", [
     ("size/width", "inf", "not a finite number"),  # made a worker process raise OverflowError
     ("size/height", "nan", "not a finite number"),

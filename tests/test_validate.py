@@ -142,6 +142,8 @@ REFUSED = [
     *[({f"train.{key}": 0}, f"train.{key}: 0 must be at least 1")
       for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "max_boxes", "shuffle_buffer")],
     ({"train.optimizer": "sgdm"}, "train.optimizer: 'sgdm' is not one of adam, adamw, sgd (did you mean 'sgd'?)"),
+    ({"train.optimizer": "adagrad"},  # as alike as a hint goes: half their letters in common
+     "train.optimizer: 'adagrad' is not one of adam, adamw, sgd (did you mean 'adam'?)"),
     ({"train.schedule": "cosin"}, "train.schedule: 'cosin' is not one of cosine, constant (did you mean 'cosine'?)"),
     ({"train.learning_rate": 0.0}, "train.learning_rate: 0.0 must be positive"),
     ({"train.warmup_steps": -1}, "train.warmup_steps: -1 must be in [0, train.steps=6000)"),
