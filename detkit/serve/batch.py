@@ -293,6 +293,7 @@ def known_bad(input_dir: Path, output_dir: Path) -> dict[str, str]:
             if e.get("stamp") is not None and stamp(input_dir / e["file"]) == e["stamp"]}
 
 
+# pragma: no mutate start (the COCO files of the model's answers: make test's slow tests read them)
 def listed_sizes(output_dir: Path) -> dict[str, tuple[int, int]]:
     """rel -> (width, height) of the images an earlier run's images.json lists: not opened again."""
     try:
@@ -302,7 +303,6 @@ def listed_sizes(output_dir: Path) -> dict[str, tuple[int, int]]:
     return {image["file_name"]: (image["width"], image["height"]) for image in images}
 
 
-# pragma: no mutate start (the COCO files of the model's answers: make test's slow tests read them)
 def coco_files(input_dir: Path, output_dir: Path, files: list[str], sizes: dict[str, tuple[int, int]],
                label_map: dict[int, str]) -> tuple[dict, list[dict]]:
     """The COCO dataset (images, categories) and results of every image in ``files`` that has its JSON."""
