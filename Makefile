@@ -98,13 +98,13 @@ compare: ## the workspace and its experiments side by side: AP, AP50, AP75, AR10
 mlflow-ui: ## the MLflow UI on the same runs (http://127.0.0.1:$(MLFLOW_PORT), MLFLOW_PORT=...)
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
+## Development
 fuzz: ## the fuzz test with many more cases than make test runs (HYPOTHESIS_PROFILE=fuzz; runs make demo first, minutes)
 	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -s -p no:cacheprovider tests/test_fuzz.py
 
-mutate: ## mutation testing (mutmut) of the pure-Python core against its fast tests: score per module, survivors (long; not in make test)
+mutate: ## mutation testing (mutmut) of the pure-Python core against its fast tests: score per module, mutants let through (not in make test)
 	$(VENV)/bin/mutmut run --max-children $(TEST_WORKERS)
 	$(PYTHON) -m harness.mutation_score
-	$(VENV)/bin/mutmut results
 
 bench: ## print the speed and memory benchmarks (figures and ratios against in-run baselines; the rehearsal too)
 	$(PYTHON) -m benchmarks.tfrecord_throughput
