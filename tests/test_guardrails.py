@@ -109,3 +109,11 @@ def test_the_default_rollout_is_a_canary_of_half_the_capacity():
     assert guardrails.describe_rollout(deploy_cfg()) == (
         f"blue/green, a canary of 50% first, 300 s baking per step, rolled back by SageMaker if {ERRORS} or "
         f"{LATENCY} fires")
+
+
+@pytest.mark.parametrize("traffic, steps", [("all_at_once", "all traffic at once"),
+                                            ("canary", "a canary of 20% first"), ("linear", "steps of 20%")])
+def test_deploy_says_how_the_traffic_moves(traffic, steps):
+    cfg = deploy_cfg(rollout__traffic=traffic, rollout__step_percent=20, rollout__wait_interval_s=600)
+    assert guardrails.describe_rollout(cfg) == (f"blue/green, {steps}, 600 s baking per step, rolled back by "
+                                                f"SageMaker if {ERRORS} or {LATENCY} fires")
