@@ -56,6 +56,9 @@ def test_the_alarms_watch_the_variants_5xx_errors_and_model_latency(cloudwatch):
                  "notBreaching"),
         LATENCY: ("AWS/SageMaker", "ModelLatency", "Average", 60, 2, 5_000_000.0,  # microseconds: 5000 ms
                   "GreaterThanThreshold", "notBreaching")}
+    assert {name: alarm["AlarmDescription"] for name, alarm in found.items()} == {  # what the console shows
+        ERRORS: "pet-object-detection: the model answered 5XX; rolls back a deployment in progress",
+        LATENCY: "pet-object-detection: average model latency above 5000 ms; rolls back a deployment in progress"}
     for alarm in found.values():
         assert sorted(alarm["Dimensions"], key=lambda d: d["Name"]) == VARIANT
         assert {"Key": "project", "Value": "pet-object-detection"} in \
