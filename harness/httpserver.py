@@ -38,6 +38,9 @@ class FileServer:
       without Range support do.
     - ``stall_first=s``: the first file response waits ``s`` seconds after its headers
       (a read timeout).
+    - ``range_answer=(status, content_range)``: answer Range requests with that status and
+      Content-Range (``{start}``, ``{end}`` and ``{length}`` filled in; None: no Content-Range) and the
+      bytes asked for, as a misbehaving server might.
     """
 
     def __init__(
@@ -47,11 +50,13 @@ class FileServer:
         cut_first_after: int | None = None,
         ignore_range: bool = False,
         stall_first: float = 0.0,
+        range_answer: tuple[int, str | None] = (206, "bytes {start}-{end}/{length}"),
     ) -> None:
         self.root = root
         self.cut_first_after = cut_first_after
         self.ignore_range = ignore_range
         self.stall_first = stall_first
+        self.range_answer = range_answer
         self.requests: list[Request] = []
         self._lock = threading.Lock()
         self._served = 0
@@ -112,9 +117,10 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             path = unquote(urlparse(self.path).path)
             file = server.root / path.lstrip("/")
             range_header = self.headers.get("Range")
+            # Each request is logged before its answer goes out: a client that has its answer finds it logged.
             if not file.is_file() or not file.resolve().is_relative_to(server.root.resolve()):
-                self.send_error(404)
                 server._log(Request(path, range_header, 404, 0))
+                self.send_error(404)
                 return
             data = file.read_bytes()
             start, end = 0, len(data)
@@ -124,32 +130,33 @@ def _make_handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
                 start = int(match[1])
                 end = min(int(match[2]) + 1, len(data)) if match[2] else len(data)
                 if start >= len(data):
+                    server._log(Request(path, range_header, 416, 0))
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                    server._log(Request(path, range_header, 416, 0))
                     return
-                status = 206
+                status = server.range_answer[0]
             body = data[start:end]
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "none" if server.ignore_range else "bytes")
-            if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            if match and not server.ignore_range and server.range_answer[1] is not None:
+                self.send_header("Content-Range", server.range_answer[1].format(start=start, end=end - 1,
+                                                                                length=len(data)))
             self.end_headers()
             first = server._first_response()
             if first and server.stall_first:
                 time.sleep(server.stall_first)
             if first and server.cut_first_after is not None:
                 body = body[: server.cut_first_after]
+            server._log(Request(path, range_header, status, len(body)))
             try:
                 self.wfile.write(body)
                 self.wfile.flush()
             except OSError:
                 pass  # the client gave up (a timeout test): nothing to serve any more
-            server._log(Request(path, range_header, status, len(body)))
             # With HTTP/1.0 the connection closes here, so a cut body stays short.
             self.close_connection = True
 

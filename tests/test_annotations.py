@@ -1,10 +1,10 @@
-"""detkit.data.annotations.parse_objects: every number of a Pascal VOC annotation checked, the field at fault named."""
+"""detkit.data.annotations: every number of a Pascal VOC annotation checked, the field at fault named; the split."""
 
 from __future__ import annotations
 
 import pytest
 
-from detkit.data.annotations import AnnotationError, parse_objects
+from detkit.data.annotations import AnnotationError, parse_objects, split_rows
 
 GOOD = {"width": "500", "height": "375", "xmin": "10", "ymin": "20.5", "xmax": "300", "ymax": "250",
         "difficult": "0", "truncated": "1"}
@@ -29,6 +29,14 @@ def test_a_good_annotation_is_read(tmp_path):
     assert size == (500, 375)
     assert objects == [{"name": "cat", "box": [10.0, 20.5, 300.0, 250.0], "difficult": 0, "truncated": 1,
                         "view": "Frontal"}]
+
+
+def test_what_an_annotation_leaves_out_takes_its_default(tmp_path):
+    xml = tmp_path / "a.xml"
+    xml.write_text("<annotation><object><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>9</xmax><ymax>8</ymax></bndbox>"
+                   "</object></annotation>")
+    assert parse_objects(str(xml)) == (None, [{"name": "", "box": [1.0, 2.0, 9.0, 8.0], "difficult": 0,
+                                               "truncated": 0, "view": ""}])
 
 
 @pytest.mark.parametrize("field, value, problem", [
@@ -64,3 +72,14 @@ def test_the_object_at_fault_is_counted_from_one(tmp_path):
     xml.write_text(f"<annotation>{good}{good}<object><name>cat</name></object></annotation>")
     with pytest.raises(AnnotationError, match=r"^object\[3\]/bndbox \(absent\): missing$"):
         parse_objects(str(xml))
+
+
+def test_the_split_is_the_pets_tools_for_its_seed_and_share():
+    # Written out with the TF OD API's create_pet_tf_record.py (random.seed(seed), random.shuffle, the first
+    # int(share * n) to train) on these rows, once: the expectation does not come from split_rows.
+    rows = [f"cat_{i}" for i in range(1, 11)]
+    assert split_rows(rows, 0.7, 42) == (["cat_8", "cat_4", "cat_3", "cat_9", "cat_6", "cat_7", "cat_10"],
+                                         ["cat_5", "cat_1", "cat_2"])
+    assert split_rows(rows, 0.75, 7) == (["cat_9", "cat_4", "cat_2", "cat_5", "cat_8", "cat_1", "cat_10"],
+                                         ["cat_7", "cat_3", "cat_6"])
+    assert rows == [f"cat_{i}" for i in range(1, 11)]  # the caller's list keeps its order

@@ -76,3 +76,23 @@ def test_remove_deletes_the_policy_and_target_and_then_finds_nothing(scaling):
     assert not autoscaling.remove(scaling, "pet-object-detection", "AllTraffic")
     assert autoscaling.describe(scaling, "pet-object-detection", "AllTraffic") is None
     assert autoscaling.status_line(None) == "autoscaling: none (the endpoint keeps its instance count)"
+
+
+def test_status_shows_a_target_without_a_policy_and_every_policy_of_one(scaling):
+    autoscaling.apply(scaling, deploy_cfg(), "AllTraffic")
+    scaling.delete_scaling_policy(PolicyName="pet-object-detection-invocations-per-instance",
+                                  ServiceNamespace="sagemaker", ResourceId=RESOURCE,
+                                  ScalableDimension="sagemaker:variant:DesiredInstanceCount")
+    found = autoscaling.describe(scaling, "pet-object-detection", "AllTraffic")
+    assert autoscaling.status_line(found) == "autoscaling: 1-2 instances, no policy"
+    autoscaling.apply(scaling, deploy_cfg(), "AllTraffic")
+    scaling.put_scaling_policy(  # one put by hand, without cool-downs
+        PolicyName="by-hand", ServiceNamespace="sagemaker", ResourceId=RESOURCE,
+        ScalableDimension="sagemaker:variant:DesiredInstanceCount", PolicyType="TargetTrackingScaling",
+        TargetTrackingScalingPolicyConfiguration={"TargetValue": 200.0, "PredefinedMetricSpecification": {
+            "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}})
+    line = autoscaling.status_line(autoscaling.describe(scaling, "pet-object-detection", "AllTraffic"))
+    assert line == ("autoscaling: 1-2 instances, pet-object-detection-invocations-per-instance (target 60 "
+                    "SageMakerVariantInvocationsPerInstance, cool-downs in 300 s / out 60 s), by-hand (target 200 "
+                    "SageMakerVariantInvocationsPerInstance, cool-downs in AWS's default / out AWS's default)")
+

@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +211,137 @@ def test_batch_lists_each_path_it_does_not_read_and_never_blocks(tmp_path):
         assert f"bad: {rel}: {reason}" in result.stdout
     assert json.loads((output / "images.json").read_text())["images"] == []
     assert sorted(p.name for p in output.iterdir()) == ["detections.json", "images.json", "skipped.json"]
+
+
+def export_without_a_model(root: Path) -> Path:
+    """An export folder with a version and its label map: enough for a run that has no image left to read."""
+    label_map = root / "export" / "pets" / "1" / EXPORT_LABEL_MAP
+    label_map.parent.mkdir(parents=True)
+    label_map.write_text("item { id: 1 name: 'cat' }\n")
+    return root / "export" / "pets"
+
+
+def test_a_stopped_run_resumes_without_reading_what_is_done_or_known_bad(tmp_path, capsys):
+    folder, output = tmp_path / "in", tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    good = {"a.jpg": (40, 30), "sub/b.png": (20, 10)}
+    for rel, size in good.items():
+        Image.new("RGB", size, (200, 120, 40)).save(folder / rel)
+    (folder / "notes.txt").write_text("not a picture\n")
+    (folder / "images").write_bytes(b"\xff\xd8\xff")  # its answer would be OUTPUT/images.json
+    os.mkfifo(folder / "fifo")
+    box = {"detection_boxes": [[0.1, 0.2, 0.5, 0.6]], "detection_classes": [1.0], "detection_scores": [0.9],
+           "num_detections": 1.0}
+    for rel in good:  # what the stopped run had written
+        (output / rel).parent.mkdir(parents=True, exist_ok=True)
+        (output / f"{rel}.json").write_text(json.dumps({"predictions": [box]}))
+    notes = folder / "notes.txt"
+    stamp = [notes.stat().st_size, notes.stat().st_mtime_ns]
+    (output / "skipped.json").write_text(json.dumps([{"file": "notes.txt", "reason": "not an image (so it said)",
+                                                      "stamp": stamp}]))
+
+    # No model: an image left to read would need one, and this export has none.
+    assert batch.main([str(folder), str(output), "--export", str(export_without_a_model(tmp_path))]) == 0
+
+    bad = {"fifo": "a FIFO (named pipe): not read", "images": "its output would overwrite OUTPUT/images.json",
+           "notes.txt": "not an image (so it said)"}
+    assert capsys.readouterr().out.splitlines() == [
+        *(f"bad: {rel}: {reason}" for rel, reason in bad.items()),
+        "nothing to do: all 2 images already have their outputs, and the bad files are unchanged",
+        f"batch: 0 images done, 2 skipped as already done, 3 bad (listed in {output / 'skipped.json'}); 0.0 s, "
+        f"0.0 images/s (model load 0.0 s); {output / 'images.json'} and {output / 'detections.json'}: 2 images, "
+        "2 detections"]
+    images = folder / "images"
+    assert json.loads((output / "skipped.json").read_text()) == [
+        {"file": "fifo", "reason": bad["fifo"], "stamp": None},  # never read: judged anew each run
+        {"file": "images", "reason": bad["images"], "stamp": [images.stat().st_size, images.stat().st_mtime_ns]},
+        {"file": "notes.txt", "reason": bad["notes.txt"], "stamp": stamp}]
+    assert [(i["file_name"], i["width"], i["height"]) for i in json.loads((output / "images.json").read_text())[
+        "images"]] == [("a.jpg", 40, 30), ("sub/b.png", 20, 10)]
+
+
+def test_a_bad_file_is_judged_anew_once_it_changed_or_was_never_read(tmp_path):
+    folder, output = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    output.mkdir()
+    for name in ("notes.txt", "todo.txt", "gone.txt"):
+        (folder / name).write_text("not a picture\n")
+    stamps = {name: batch.stamp(folder / name) for name in ("notes.txt", "todo.txt", "gone.txt")}
+    (folder / "gone.txt").unlink()
+    (output / "skipped.json").write_text(json.dumps([
+        {"file": "notes.txt", "reason": "not an image", "stamp": stamps["notes.txt"]},
+        {"file": "todo.txt", "reason": "cannot draw it", "stamp": None},
+        {"file": "gone.txt", "reason": "not an image", "stamp": stamps["gone.txt"]}]))
+    assert batch.known_bad(folder, output) == {"notes.txt": "not an image"}
+    (folder / "notes.txt").write_text("changed, and longer than before\n")
+    assert batch.known_bad(folder, output) == {}
+    (output / "skipped.json").write_text("[{")  # a stopped run cut it short (atomic writes make that rare)
+    assert batch.known_bad(folder, output) == {}
+    (output / "skipped.json").unlink()
+    assert batch.known_bad(folder, output) == {}
+
+
+def test_output_that_is_a_file_or_the_input_itself_is_refused(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8\xff")
+    (tmp_path / "out.txt").write_text("")
+    (tmp_path / "file.jpg").write_bytes(b"\xff\xd8\xff")
+    export = str(export_without_a_model(tmp_path))
+    for argv, message in (([str(folder), str(tmp_path / "out.txt")], f"{tmp_path / 'out.txt'}: OUTPUT is a file, "
+                                                                      "not a folder"),
+                          ([str(folder), str(folder / "." / "")], f"{folder}: OUTPUT must not be INPUT: the outputs "
+                                                                  "would be taken for inputs"),
+                          ([str(tmp_path / "file.jpg"), str(tmp_path / "out")], f"{tmp_path / 'file.jpg'}: INPUT is "
+                                                                                "not a folder"),
+                          ([str(folder), str(tmp_path / "o"), "--batch-size", "0"], "batch size 0: must be at least "
+                                                                                    "1")):
+        assert batch.main([*argv, "--export", export]) == 2
+        assert message in capsys.readouterr().err, message
+    assert batch.main([str(folder), str(tmp_path / "o"), "--export", str(tmp_path / "none")]) == 2
+    assert f"{tmp_path / 'none'}: no exported version (run the export stage" in capsys.readouterr().err
+
+
+def png_of_size(width: int, height: int) -> bytes:
+    """A PNG header of that size, and no pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_files_are_told_by_their_first_bytes_and_a_broken_header_is_named(tmp_path):
+    heads = {"JPEG": b"\xff\xd8\xff\xe0", "PNG": b"\x89PNG\r\n\x1a\n", "GIF": b"GIF87a", "BMP": b"BM",
+             "WebP": b"RIFF\x00\x00\x00\x00WEBP"}
+    assert {kind: batch.image_format(head + b"\x00" * 4) for kind, head in heads.items()} == {k: k for k in heads}
+    assert batch.image_format(b"GIF89a" + b"\x00" * 6) == "GIF"
+    assert batch.image_format(b"RIFF\x00\x00\x00\x00WAVE") is None  # RIFF, but sound
+    assert batch.image_format(b"\xff\xd8\x00\x00") is None
+    (tmp_path / "a.png").write_bytes(png_of_size(100_000, 100_000))  # Pillow refuses to open it: a bomb
+    (tmp_path / "b.gif").write_bytes(b"GIF89a")
+    (tmp_path / "c.txt").write_text("GIF")
+    assert batch.read_picture(tmp_path, "a.png").startswith(
+        "broken PNG header: Image size (10000000000 pixels) exceeds limit of ")
+    assert batch.read_picture(tmp_path, "b.gif") == "starts like a GIF file but is none: its header does " \
+                                                               "not parse"
+    assert batch.read_picture(tmp_path, "c.txt") == batch.NOT_AN_IMAGE
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (12, 7)).save(tmp_path / "sub" / "d.bmp")
+    picture = batch.read_picture(tmp_path, "sub/d.bmp")
+    assert (picture.rel, picture.data, picture.width, picture.height) == (
+        "sub/d.bmp", (tmp_path / "sub" / "d.bmp").read_bytes(), 12, 7)
+
+
+def test_batches_are_full_and_carry_the_bad_files_read_while_filling_them(tmp_path):
+    for name in ("a", "b", "c", "d", "e"):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{name}.png")
+    (tmp_path / "x.txt").write_text("x")
+    (tmp_path / "y.txt").write_text("y")
+    order = ["a.png", "x.txt", "b.png", "c.png", "d.png", "y.txt", "e.png"]
+    batches = [([p.rel for p in b.pictures], [rel for rel, _ in b.bad])
+               for b in batch.read_batches(tmp_path, order, 2)]
+    assert batches == [(["a.png", "b.png"], ["x.txt"]), (["c.png", "d.png"], []), (["e.png"], ["y.txt"])]
+    assert [([p.rel for p in b.pictures], [rel for rel, _ in b.bad])
+            for b in batch.read_batches(tmp_path, ["a.png", "b.png", "x.txt"], 2)] == [
+        (["a.png", "b.png"], []), ([], ["x.txt"])]

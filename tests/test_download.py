@@ -517,7 +517,14 @@ def test_an_interrupted_extraction_leaves_only_the_download_cache(tmp_path, sig)
     before = set(tmp_path.rglob("*"))
     command = [sys.executable, "-m", "stages.download", "--out", str(outputs["raw"]), "--cache", str(inputs["cache"]),
                "dataset=sample", f"dataset.archives=[{archives}]", f"dataset.max_extracted_bytes={4 * GIB}"]
-    with subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as stage:
+    # Ctrl-C in a terminal reaches a stage whose SIGINT is at its default. A parent that ignores SIGINT (a
+    # shell's background job, mutmut's workers) passes that on; one that catches it does not (exec resets it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stage = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    with stage:
         deadline = time.monotonic() + 120
         while not list(outputs["raw"].parent.glob(".raw.tmp-*/images/first.jpg")):
             assert stage.poll() is None, stage.stdout.read().decode()

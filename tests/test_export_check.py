@@ -79,6 +79,45 @@ def test_a_score_at_the_threshold_kept_by_one_run_only_is_a_near_tie():
     assert counts(result) == (3, 1, 0)
 
 
+def test_one_detection_matched_excuses_no_swap_besides():
+    # An extra box next to a matched one, as close in score as a swap: nothing is left for it to swap with.
+    result = compare(detections(THREE), detections([*THREE, (0.7, 3, [0.12, 0.1, 0.52, 0.5])]))
+    assert counts(result) == (3, 0, 1) and result["near_tie_share"] == 0.0
+
+
+def test_the_near_tie_share_is_of_both_runs_detections():
+    result = compare(detections([(0.7, 3, A)]),
+                     detections([(0.7, 3, [0.1, 0.05, 0.5, 0.45]), (0.7, 3, [0.1, 0.15, 0.5, 0.55])]))
+    assert result["near_tie_share"] == 2 / 3  # two near ties and one mismatch of three detections
+
+
+def test_a_difference_of_exactly_the_tolerance_is_within_it():
+    # Binary fractions, so that the differences are exactly the tolerance in float32.
+    expected = detections([(0.5, 3, [0.25, 0.25, 0.5, 0.5]), (0.375, 2, [0.5, 0.5, 0.75, 0.75])])
+    got = detections([(0.625, 3, [0.375, 0.125, 0.625, 0.5])])
+    result = export_check.compare_detections(expected, got, 0.125, 0.25, IOU_THRESHOLD)
+    assert counts(result) == (1, 1, 0)  # the second: kept by one run, its score the tolerance above the threshold
+    assert result["max_abs_difference"] == {"detection_boxes": 0.125, "detection_scores": 0.125}
+    past = export_check.compare_detections(expected, got, 0.124, 0.25, IOU_THRESHOLD)
+    assert counts(past) == (0, 0, 3)
+
+
+def test_counts_add_up_over_the_images():
+    swap = compare(detections([(0.7, 3, A)]), detections([(0.7, 3, [0.1, 0.05, 0.5, 0.45])]))
+    assert counts(swap) == (0, 2, 0)
+    both = {key: swap_value + same_value for (key, swap_value), same_value in zip(
+        detections([(0.7, 3, A)]).items(), detections(THREE).values())}
+    got = {key: swap_value + same_value for (key, swap_value), same_value in zip(
+        detections([(0.7, 3, [0.1, 0.05, 0.5, 0.45])]).items(), detections(THREE).values())}
+    assert counts(compare(both, got)) == (3, 2, 0)
+    assert counts(compare({k: v[::-1] for k, v in both.items()}, {k: v[::-1] for k, v in got.items()})) == (3, 2, 0)
+
+
+def test_no_detection_in_either_run_is_parity():
+    result = compare(detections([]), detections([]))
+    assert counts(result) == (0, 0, 0) and result["near_tie_share"] == 0.0 and export_check.parity(result)
+
+
 # ---------------------------------------------------------------------------- a real NMS swap
 
 

@@ -56,6 +56,9 @@ def test_the_alarms_watch_the_variants_5xx_errors_and_model_latency(cloudwatch):
                  "notBreaching"),
         LATENCY: ("AWS/SageMaker", "ModelLatency", "Average", 60, 2, 5_000_000.0,  # microseconds: 5000 ms
                   "GreaterThanThreshold", "notBreaching")}
+    assert {name: alarm["AlarmDescription"] for name, alarm in found.items()} == {  # what the console shows
+        ERRORS: "pet-object-detection: the model answered 5XX; rolls back a deployment in progress",
+        LATENCY: "pet-object-detection: average model latency above 5000 ms; rolls back a deployment in progress"}
     for alarm in found.values():
         assert sorted(alarm["Dimensions"], key=lambda d: d["Name"]) == VARIANT
         assert {"Key": "project", "Value": "pet-object-detection"} in \
@@ -109,3 +112,11 @@ def test_the_default_rollout_is_a_canary_of_half_the_capacity():
     assert guardrails.describe_rollout(deploy_cfg()) == (
         f"blue/green, a canary of 50% first, 300 s baking per step, rolled back by SageMaker if {ERRORS} or "
         f"{LATENCY} fires")
+
+
+@pytest.mark.parametrize("traffic, steps", [("all_at_once", "all traffic at once"),
+                                            ("canary", "a canary of 20% first"), ("linear", "steps of 20%")])
+def test_deploy_says_how_the_traffic_moves(traffic, steps):
+    cfg = deploy_cfg(rollout__traffic=traffic, rollout__step_percent=20, rollout__wait_interval_s=600)
+    assert guardrails.describe_rollout(cfg) == (f"blue/green, {steps}, 600 s baking per step, rolled back by "
+                                                f"SageMaker if {ERRORS} or {LATENCY} fires")

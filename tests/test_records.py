@@ -41,13 +41,17 @@ def test_bytes_equal_tensorflows_own_example():
 
 
 def test_parses_with_the_od_api_spec():
-    parsed = tf.io.parse_single_example(encode_example(RECORD), feature_spec())
-    assert parsed["image/encoded"].numpy() == RECORD["encoded"]
-    assert parsed["image/height"].numpy() == 375
-    for k in BOX_KEYS:
-        assert tf.sparse.to_dense(parsed[f"image/object/bbox/{k}"]).numpy().tolist() == \
-            [float(tf.constant(v, tf.float32)) for v in RECORD[k]]
-    assert tf.sparse.to_dense(parsed["image/object/view"]).numpy().tolist() == [b"Frontal", b""]
+    parsed = {key: tf.sparse.to_dense(value) if isinstance(value, tf.SparseTensor) else value
+              for key, value in tf.io.parse_single_example(encode_example(RECORD), feature_spec()).items()}
+    values = {key: value.numpy().tolist() if value.shape.rank else value.numpy() for key, value in parsed.items()}
+    assert values == {
+        "image/height": 375, "image/width": 500, "image/filename": b"Abyssinian_1.jpg",
+        "image/source_id": b"Abyssinian_1.jpg", "image/key/sha256": b"ab" * 32, "image/encoded": RECORD["encoded"],
+        "image/format": b"jpeg", "image/object/class/text": [b"Abyssinian", b"Abyssinian"],
+        "image/object/class/label": [1, 1], "image/object/difficult": [0, 1], "image/object/truncated": [0, 0],
+        "image/object/view": [b"Frontal", b""],
+        # as float32 holds them
+        **{f"image/object/bbox/{k}": [float(tf.constant(v, tf.float32)) for v in RECORD[k]] for k in BOX_KEYS}}
 
 
 def test_tfrecord_file_is_byte_identical_to_tensorflows_writer(tmp_path):

@@ -71,9 +71,11 @@ def status_line(found: dict[str, Any] | None) -> str:
     target = found["target"]
     def described(policy: dict[str, Any]) -> str:
         tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+        # A policy put without them (not by deploy) has Application Auto Scaling's own cool-downs.
+        cooldowns = " / ".join(f"{way} {tracking[key]} s" if key in tracking else f"{way} AWS's default"
+                               for way, key in (("in", "ScaleInCooldown"), ("out", "ScaleOutCooldown")))
         return (f"{policy['PolicyName']} (target {tracking['TargetValue']:g} "
-                f"{tracking['PredefinedMetricSpecification']['PredefinedMetricType']}, cool-downs in "
-                f"{tracking.get('ScaleInCooldown', 0)} s / out {tracking.get('ScaleOutCooldown', 0)} s)")
+                f"{tracking['PredefinedMetricSpecification']['PredefinedMetricType']}, cool-downs {cooldowns})")
 
     policies = ", ".join(described(p) for p in found["policies"]) or "no policy"
     return f"autoscaling: {target['MinCapacity']}-{target['MaxCapacity']} instances, {policies}"

@@ -38,7 +38,7 @@ def alarm_requests(cfg, variant: str) -> list[dict[str, Any]]:
          "AlarmDescription": f"{cfg.endpoint_name}: the model answered 5XX; rolls back a deployment in progress"},
         {**common, "AlarmName": latency, "MetricName": "ModelLatency", "Statistic": "Average",
          "Threshold": float(a.max_model_latency_ms) * 1000.0, "ComparisonOperator": "GreaterThanThreshold",
-         "AlarmDescription": f"{cfg.endpoint_name}: average model latency above {a.max_model_latency_ms} ms; "
+         "AlarmDescription": f"{cfg.endpoint_name}: average model latency above {a.max_model_latency_ms:g} ms; "
                              "rolls back a deployment in progress"},
     ]
 

@@ -4,11 +4,12 @@
 not), regular files are listed, and so is a link that resolves to a regular file inside the folder;
 everything else is named with why it is not read: FIFOs, sockets and devices (opening a FIFO blocks
 until someone writes), links that loop, dangle, or lead to a folder, a special file or out of the
-folder (resolved to be judged, never followed), folders that cannot be listed. ``open_regular``
-opens a listed file without blocking and without leaving the folder, even where a path on the way
-was swapped for a link since the listing, and refuses it if it is no longer a regular file;
-``copy_regular_files`` copies what ``regular_files`` lists, within a byte limit. ``make batch`` and
-the download stage's ``dataset.local_dir`` copy use them."""
+folder (resolved to be judged, never followed), folders that cannot be listed, paths that cannot be
+examined (deeper than the longest path the system takes). ``open_regular`` opens a listed file
+without blocking and without leaving the folder, even where a path on the way was swapped for a link
+since the listing, and refuses it if it is no longer a regular file; ``copy_regular_files`` copies
+what ``regular_files`` lists, within a byte limit. ``make batch`` and the download stage's
+``dataset.local_dir`` copy use them."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-# What is not a regular file, by its mode.
+# What is not a regular file, by its mode (a folder: what open_regular may find in a listed file's place).
 SPECIAL_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+                 (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
 
 
 class NotRegularFileError(OSError):
@@ -83,6 +84,9 @@ def regular_files(folder: Path, label: str, skip: Path | None = None,
             try:
                 mode = entry.stat(follow_symlinks=False).st_mode
             except FileNotFoundError:  # gone since the folder was listed
+                continue
+            except OSError as exc:  # e.g. a tree deeper than the system's longest path
+                unread[rel] = f"cannot be examined: {exc.strerror}"
                 continue
             if stat.S_ISDIR(mode):
                 if path != skip:

@@ -157,6 +157,7 @@ def read_batches(input_dir: Path, files: Iterable[str], batch_size: int) -> Iter
         yield Batch(pictures, bad)
 
 
+# pragma: no mutate start (reading ahead, the model and the writer: make test's slow tests run them)
 def prefetched(items: Iterator[T], depth: int) -> Iterator[T]:
     """``items``, produced by a thread up to ``depth`` ahead of the consumer; its errors re-raised here."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
@@ -272,6 +273,7 @@ class Writer:
             self.progress.update()
 
 
+# pragma: no mutate end
 def stamp(path: Path) -> list[int] | None:
     """What tells a file changed since it was found bad: size and modification time."""
     try:
@@ -292,6 +294,7 @@ def known_bad(input_dir: Path, output_dir: Path) -> dict[str, str]:
             if e.get("stamp") is not None and stamp(input_dir / e["file"]) == e["stamp"]}
 
 
+# pragma: no mutate start (the COCO files of the model's answers: make test's slow tests read them)
 def listed_sizes(output_dir: Path) -> dict[str, tuple[int, int]]:
     """rel -> (width, height) of the images an earlier run's images.json lists: not opened again."""
     try:
@@ -329,6 +332,7 @@ def coco_files(input_dir: Path, output_dir: Path, files: list[str], sizes: dict[
     return dataset, detections
 
 
+# pragma: no mutate end
 def run(input_dir: Path, output_dir: Path, export: Path, batch_size: int = DEFAULT_BATCH_SIZE, draw: bool = False,
         top: int = DEFAULT_TOP, min_score: float = DEFAULT_MIN_SCORE, progress: bool = True) -> dict[str, Any]:
     """Run the newest version under ``export`` (``<base>/<model_name>``) over ``input_dir``; see the module doc.
@@ -364,7 +368,7 @@ def run(input_dir: Path, output_dir: Path, export: Path, batch_size: int = DEFAU
     sizes: dict[str, tuple[int, int]] = {}  # rel -> (width, height) of the images done now
     load_seconds = seconds = 0.0
     retry: set[str] = set()
-    if todo:
+    if todo:  # pragma: no mutate block (loads and runs the model)
         import tensorflow as tf
 
         started = time.perf_counter()
@@ -418,6 +422,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+# pragma: no mutate block (the command line)
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("detkit.serve.batch", __doc__)
     parser.add_argument("input", help="folder of images (searched recursively)")

@@ -21,6 +21,7 @@ CHECK_BATCH = 4  # images per call in the export check: bounds its memory whatev
 MAX_NEAR_TIE_SHARE = 0.05
 
 
+# pragma: no mutate start (the SavedModel and the model run: make test's slow tests check them)
 def check_export(path: Path, reference, size: int, detection: dict[str, Any], encoded: list[bytes], tolerance: float,
                  max_detections: int, signatures: list[str]) -> dict[str, Any]:
     """Reloaded SavedModel vs the in-memory model on ``encoded`` images, and its signatures.
@@ -56,6 +57,7 @@ def check_export(path: Path, reference, size: int, detection: dict[str, Any], en
     }
 
 
+# pragma: no mutate end
 def parity(compared: dict[str, Any]) -> bool:
     """Whether ``compare_detections``' result says the two runs agree: no mismatch, and near ties
     no more than ``MAX_NEAR_TIE_SHARE`` of the detections."""
