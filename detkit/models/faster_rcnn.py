@@ -399,8 +399,8 @@ class FasterRcnnFamily(Family):
         if m.architecture is None:
             raise ModelError(f"conf/model/{m.name}.yaml: 'pretrained: none' builds from 'architecture', "
                              "which is null; set the architecture keys or a preset in 'pretrained'")
-        a = m.architecture
-        model = _built(FasterRCNN(num_classes, backbone=dict(a.backbone), scale=list(a.scale), offset=list(a.offset),
+        a = OmegaConf.to_container(m.architecture, resolve=True)
+        model = _built(FasterRCNN(num_classes, backbone=a["backbone"], scale=a["scale"], offset=a["offset"],
                                   **_settings(m)))
         return Built(model, total=len(model.weights))
 
