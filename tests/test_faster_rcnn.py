@@ -217,7 +217,8 @@ def test_tiny_learns_on_the_sample_and_goes_through_eval_and_export(tmp_path, sa
     cfg = load_config(overrides=LEARN)
     checkpoints = tmp_path / "checkpoints"
     train.run(cfg, {"records": sample_records, "pretrained": tmp_path / "pretrained"},
-              {"checkpoints": checkpoints, "log": tmp_path / "train_log.csv", "val_log": tmp_path / "val_log.csv"})
+              {"checkpoints": checkpoints, "log": tmp_path / "train_log.csv", "val_log": tmp_path / "val_log.csv"},
+              track=False, bar=False)
     result = eval_stage.run(cfg, {"records": sample_records, "checkpoints": checkpoints},
                             {"metrics": tmp_path / "metrics", "plots": tmp_path / "plots"})
     assert result["metrics"]["AP50"] >= AP50_FLOOR
