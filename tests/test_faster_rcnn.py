@@ -169,7 +169,8 @@ def test_a_resnet_classifier_preset_gives_features_and_box_head_their_weights(tm
 
     keras.utils.set_random_seed(2)
     m = tiny_config()
-    resnet = keras_hub.models.ResNetBackbone(**OmegaConf.to_container(m.architecture.backbone), image_shape=(None, None, 3))
+    resnet = keras_hub.models.ResNetBackbone(**OmegaConf.to_container(m.architecture.backbone),
+                                             image_shape=(None, None, 3))
     converter = keras_hub.layers.ResNetImageConverter(scale=[0.017, 0.018, 0.0175], offset=[-2.1, -2.0, -1.8])
     classifier = keras_hub.models.ResNetImageClassifier(
         backbone=resnet, num_classes=10, preprocessor=keras_hub.models.ResNetImageClassifierPreprocessor(converter))
