@@ -204,10 +204,13 @@ def test_a_preset_that_is_not_a_resnet_is_named(tmp_path):
 
 # ---------------------------------------------------------------------------- learning, through the stages
 
-LEARN = ["dataset=sample", "model=faster_rcnn_tiny", "train.steps=200", "train.batch_size=8",
-         "train.learning_rate=0.002", "train.warmup_steps=20", "train.log_every=50", "train.checkpoint_every=200",
-         "train.max_boxes=4", "export.check_images=4"]
-AP50_FLOOR = 0.5  # measured: see the note in docs/models.md (faster_rcnn_tiny)
+# The tiny model from random values: 300 steps of 8 images at 128 px, the class loss weighted 10 as the demo
+# weights RetinaNet's. Measured on this sample: val AP50 0.635 after 300 steps; after 200 steps 0.508 (0.550 at
+# learning rate 0.004; with 64 sampled proposals 0.455, and 0.077 with class weight 1).
+LEARN = ["dataset=sample", "model=faster_rcnn_tiny", "train.steps=300", "train.batch_size=8",
+         "train.learning_rate=0.002", "train.warmup_steps=20", "train.class_loss_weight=10", "train.max_boxes=4",
+         "train.log_every=50", "train.checkpoint_every=300", "export.check_images=4"]
+AP50_FLOOR = 0.5
 
 
 @pytest.mark.slow

@@ -423,6 +423,7 @@ class FasterRcnnFamily(Family):
 
     def save(self, model, folder: Path) -> None:
         config = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
+        Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         model.save_weights(str(Path(folder) / WEIGHTS_FILE))
 
