@@ -148,6 +148,30 @@ def test_detect_gives_tf_od_api_outputs_for_any_batch(tiny):
         np.testing.assert_allclose(alone["detection_scores"][0], out["detection_scores"][0], atol=1e-5)
 
 
+def test_detections_take_their_class_from_the_softmax_and_their_box_from_the_proposal():
+    """A classifier that always says model class 3, with zero box deltas: every detection is label-map id 4
+    at the softmax's score, on one of the proposals."""
+    keras.utils.set_random_seed(8)
+    model = M.FAMILY.build(tiny_config(), 37, None).model
+    bias = np.zeros(38, np.float32)
+    bias[1 + 3] = 10.0  # column 0 is the background
+    model.class_logits.kernel.assign(np.zeros(model.class_logits.kernel.shape, np.float32))
+    model.class_logits.bias.assign(bias)
+    model.box_deltas.kernel.assign(np.zeros(model.box_deltas.kernel.shape, np.float32))
+    images = tf.random.uniform((2, SIZE, SIZE, 3), 0, 255, seed=9)
+    detection = {**tiny_config().detection, "score_threshold": 0.5}  # the other classes score 1e-4 each
+    out = {k: v.numpy() for k, v in M.FAMILY.detect(model, images, detection).items()}
+    proposals, valid = model.proposals(model(images), int(model.first_stage["proposals_infer"]))
+    for i in range(2):
+        n = int(out["num_detections"][i])
+        assert 0 < n <= int(tf.reduce_sum(tf.cast(valid[i], "int32")))
+        assert (out["detection_classes"][i, :n] == 4).all()
+        np.testing.assert_allclose(out["detection_scores"][i, :n], math.exp(10) / (math.exp(10) + 37), rtol=1e-5)
+        kept = proposals.numpy()[i][valid.numpy()[i]]
+        distance = np.abs(out["detection_boxes"][i, :n, None, :] - kept[None]).max(-1).min(-1)
+        assert (distance < 1e-5).all()
+
+
 def test_trained_model_round_trips(tiny, tmp_path, sample_records):
     info = {"model": "faster_rcnn_tiny", "image_size": SIZE, "num_classes": 37,
             "detection": dict(tiny_config().detection), "label_offset": 1}
