@@ -2,7 +2,9 @@
 
 ``model.pretrained`` names the source; the output is always a local KerasHub preset folder
 (``config.json``, ``metadata.json``, ``task.json``, ``*.weights.h5``) that the train stage
-loads with ``from_preset``, plus ``source.json`` saying where it came from:
+loads with ``from_preset`` (whatever KerasHub task the preset holds, as its ``task.json`` names it:
+a RetinaNet object detector, an ImageNet ResNet classifier), plus ``source.json`` saying where it
+came from:
 
 - ``none``: a from-scratch model; only ``source.json`` is written.
 - a KerasHub preset handle (``kaggle://...``, ``hf://...``) or a local preset folder:
@@ -65,11 +67,15 @@ def _preset_dir(root: Path) -> Path:
 
 
 def _load_and_save(handle: str, out: Path) -> dict[str, Any]:
-    """Load a preset with KerasHub (proving it is usable) and save it as a local preset."""
+    """Load a preset with KerasHub (proving it is usable) as the task it holds (an object detector, or an
+    image classifier whose backbone a family starts from) and save it as a local preset."""
     import keras_hub
+    from keras_hub.src.utils.preset_utils import TASK_CONFIG_FILE, check_config_class, check_file_exists, load_json
 
     try:
-        task = keras_hub.models.ObjectDetector.from_preset(handle)
+        kind = (check_config_class(load_json(handle, TASK_CONFIG_FILE)) if check_file_exists(handle, TASK_CONFIG_FILE)
+                else keras_hub.models.Backbone)
+        task = kind.from_preset(handle)
     except Exception as exc:  # KerasHub raises many types; all mean the same here
         raise PretrainedError(f"model.pretrained: cannot load preset '{handle}': {exc}") from exc
     task.save_to_preset(str(out))

@@ -126,7 +126,66 @@ class RetinaNetModel(Model):
     detection: NmsDetection = field(default_factory=NmsDetection)
 
 
-MODEL_SCHEMAS: dict[str, type[Model]] = {"retinanet": RetinaNetModel}
+@dataclass
+class ResNetArchitecture:
+    scale: list[float] = MISSING
+    offset: list[float] = MISSING
+    backbone: ResNet = field(default_factory=ResNet)
+
+
+@dataclass
+class GridAnchors:
+    stride: int = MISSING
+    base_size: float = MISSING
+    scales: list[float] = MISSING
+    aspect_ratios: list[float] = MISSING
+
+
+@dataclass
+class FirstStage:
+    conv_depth: int = MISSING
+    positive_threshold: float = MISSING
+    negative_threshold: float = MISSING
+    batch_size: int = MISSING
+    positive_fraction: float = MISSING
+    nms_iou_threshold: float = MISSING
+    pre_nms_top_k: int = MISSING
+    proposals_train: int = MISSING
+    proposals_infer: int = MISSING
+    localization_weight: float = MISSING
+    objectness_weight: float = MISSING
+
+
+@dataclass
+class SecondStage:
+    crop_size: int = MISSING
+    pooled_size: int = MISSING
+    batch_size: int = MISSING
+    positive_fraction: float = MISSING
+    positive_threshold: float = MISSING
+    add_groundtruth: bool = MISSING
+    localization_weight: float = MISSING
+    classification_weight: float = MISSING
+
+
+@dataclass
+class PerClassNms(Detection):
+    max_detections_per_class: int = MISSING
+    iou_threshold: float = MISSING
+
+
+@dataclass
+class FasterRcnnModel(Model):
+    freeze_batch_norm: bool = MISSING
+    architecture: ResNetArchitecture | None = MISSING
+    anchors: GridAnchors = field(default_factory=GridAnchors)
+    box_coder_scales: list[float] = MISSING
+    first_stage: FirstStage = field(default_factory=FirstStage)
+    second_stage: SecondStage = field(default_factory=SecondStage)
+    detection: PerClassNms = field(default_factory=PerClassNms)
+
+
+MODEL_SCHEMAS: dict[str, type[Model]] = {"retinanet": RetinaNetModel, "faster_rcnn": FasterRcnnModel}
 
 
 # ---- train section of params.yaml

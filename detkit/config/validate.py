@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from omegaconf import DictConfig, OmegaConf
@@ -144,12 +145,7 @@ def _validate_model(m: DictConfig) -> None:
 
 def _validate_retinanet(m: DictConfig, where: str) -> None:
     a = m.architecture
-    if a is None and m.pretrained == "none":
-        raise ConfigError(f"{where}: 'architecture: null' takes the architecture from the preset in 'pretrained', "
-                          "which is 'none'")
-    if a is not None and m.pretrained != "none":
-        raise ConfigError(f"{where}: 'architecture' builds a model from scratch, so 'pretrained' must be 'none' "
-                          f"(got '{m.pretrained}'); set 'architecture: null' to fine-tune the preset's")
+    _validate_start(m, where)
     stride = 2 ** min(a.max_level if a is not None else 5, 5)  # the FPN's top-down path halves exactly down to P5
     if m.image_size % stride:
         raise ConfigError(f"{where}: image_size: {m.image_size} must be a multiple of {stride}")
@@ -163,12 +159,33 @@ def _validate_retinanet(m: DictConfig, where: str) -> None:
                           "pre_nms_top_k >= 1")
     if a is None:
         return
-    for key in ("scale", "offset"):
-        if len(a[key]) not in (1, 3):
-            raise ConfigError(f"{where}: architecture.{key}: needs 1 or 3 values (per RGB channel), got {len(a[key])}")
+    _validate_resnet(a, where)
     if not 2 <= a.min_level <= a.max_level:
         raise ConfigError(f"{where}: architecture: min_level {a.min_level}, max_level {a.max_level}: "
                           "need 2 <= min <= max")
+    b = a.backbone
+    if a.min_level > len(b.stackwise_num_filters) + 1:
+        raise ConfigError(f"{where}: architecture.min_level {a.min_level}: the backbone's "
+                          f"{len(b.stackwise_num_filters)} stacks only reach P{len(b.stackwise_num_filters) + 1}")
+    if a.anchors.num_scales < 1 or not a.anchors.aspect_ratios or min(a.anchors.aspect_ratios) <= 0:
+        raise ConfigError(f"{where}: architecture.anchors: need num_scales >= 1 and positive aspect_ratios")
+
+
+def _validate_start(m: DictConfig, where: str) -> None:
+    """A model file builds either from its ``architecture`` (``pretrained: none``) or from a preset's."""
+    if m.architecture is None and m.pretrained == "none":
+        raise ConfigError(f"{where}: 'architecture: null' takes the architecture from the preset in 'pretrained', "
+                          "which is 'none'")
+    if m.architecture is not None and m.pretrained != "none":
+        raise ConfigError(f"{where}: 'architecture' builds a model from scratch, so 'pretrained' must be 'none' "
+                          f"(got '{m.pretrained}'); set 'architecture: null' to fine-tune the preset's")
+
+
+def _validate_resnet(a: DictConfig, where: str) -> None:
+    """``architecture.scale``/``offset`` and ``architecture.backbone`` (KerasHub ResNetBackbone keys)."""
+    for key in ("scale", "offset"):
+        if len(a[key]) not in (1, 3):
+            raise ConfigError(f"{where}: architecture.{key}: needs 1 or 3 values (per RGB channel), got {len(a[key])}")
     b = a.backbone
     _one_of(f"{where}: architecture.backbone.block_type", b.block_type, BLOCK_TYPES)
     lengths = {len(b.stackwise_num_filters), len(b.stackwise_num_blocks), len(b.stackwise_num_strides)}
@@ -178,14 +195,53 @@ def _validate_retinanet(m: DictConfig, where: str) -> None:
     if b.stackwise_num_filters[0] != 64:
         raise ConfigError(f"{where}: architecture.backbone.stackwise_num_filters[0]: KerasHub's ResNet needs 64, "
                           f"got {b.stackwise_num_filters[0]}")
-    if a.min_level > len(b.stackwise_num_filters) + 1:
-        raise ConfigError(f"{where}: architecture.min_level {a.min_level}: the backbone's "
-                          f"{len(b.stackwise_num_filters)} stacks only reach P{len(b.stackwise_num_filters) + 1}")
-    if a.anchors.num_scales < 1 or not a.anchors.aspect_ratios or min(a.anchors.aspect_ratios) <= 0:
-        raise ConfigError(f"{where}: architecture.anchors: need num_scales >= 1 and positive aspect_ratios")
 
 
-FAMILY_CHECKS = {"retinanet": _validate_retinanet}
+def _validate_faster_rcnn(m: DictConfig, where: str) -> None:
+    _validate_start(m, where)
+    an, f, s, d = m.anchors, m.first_stage, m.second_stage, m.detection
+    if an.stride < 1 or m.image_size % an.stride:
+        raise ConfigError(f"{where}: image_size: {m.image_size} must be a multiple of anchors.stride ({an.stride})")
+    if an.base_size <= 0 or not an.scales or not an.aspect_ratios or min(*an.scales, *an.aspect_ratios) <= 0:
+        raise ConfigError(f"{where}: anchors: base_size, scales and aspect_ratios must be positive (and not empty)")
+    if len(m.box_coder_scales) != 4 or min(m.box_coder_scales) <= 0:
+        raise ConfigError(f"{where}: box_coder_scales: needs 4 positive values (y, x, height, width)")
+    if not 0.0 <= f.negative_threshold <= f.positive_threshold <= 1.0:
+        raise ConfigError(f"{where}: first_stage: need 0 <= negative_threshold <= positive_threshold <= 1")
+    for section, key in (("first_stage", "conv_depth"), ("first_stage", "batch_size"), ("first_stage", "pre_nms_top_k"),
+                         ("first_stage", "proposals_infer"), ("second_stage", "pooled_size"),
+                         ("detection", "max_detections_per_class")):
+        if m[section][key] < 1:
+            raise ConfigError(f"{where}: {section}.{key}: {m[section][key]} must be at least 1")
+    if not 1 <= s.batch_size <= f.proposals_train:
+        raise ConfigError(f"{where}: second_stage.batch_size: {s.batch_size} must be in [1, first_stage."
+                          f"proposals_train={f.proposals_train}] (it samples from the proposals)")
+    if s.crop_size % s.pooled_size:
+        raise ConfigError(f"{where}: second_stage.crop_size: {s.crop_size} must be a multiple of pooled_size "
+                          f"({s.pooled_size})")
+    for section in ("first_stage", "second_stage"):
+        weights = [v for k, v in m[section].items() if k.endswith("_weight")]
+        if not 0.0 < m[section].positive_fraction <= 1.0 or min(weights) <= 0:
+            raise ConfigError(f"{where}: {section}: positive_fraction must be in (0, 1] and the loss weights "
+                              "positive")
+    if not 0.0 < f.nms_iou_threshold <= 1.0 or not 0.0 < d.iou_threshold <= 1.0 or not 0 < s.positive_threshold <= 1:
+        raise ConfigError(f"{where}: first_stage.nms_iou_threshold, second_stage.positive_threshold and "
+                          "detection.iou_threshold must be in (0, 1]")
+    a = m.architecture
+    if a is None:
+        return
+    _validate_resnet(a, where)
+    b = a.backbone
+    if len(b.stackwise_num_filters) != 4:
+        raise ConfigError(f"{where}: architecture.backbone: needs 4 stacks (3 for the features, the fourth as the "
+                          f"box head), got {len(b.stackwise_num_filters)}")
+    stride = 4 * math.prod(b.stackwise_num_strides[:3])
+    if stride != an.stride:
+        raise ConfigError(f"{where}: anchors.stride: {an.stride}, but the backbone's first three stacks give "
+                          f"features at stride {stride} (4 x the product of their strides)")
+
+
+FAMILY_CHECKS = {"retinanet": _validate_retinanet, "faster_rcnn": _validate_faster_rcnn}
 
 
 def _validate_train(t: DictConfig) -> None:
