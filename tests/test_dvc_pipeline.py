@@ -91,7 +91,12 @@ def test_whole_pipeline_then_a_param_reruns_only_what_depends_on_it(repo):
     first = run(["dvc", "repro"], repo)
     assert {"pretrained", "train", "eval", "export"} <= set(ran(first.stdout)), first.stdout
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
-    assert metrics["step"] == 6 and 0.0 <= metrics["AP50"] <= 1.0
+    # What a 6-step model scores is not predictable; what this test owns is that DVC's metrics file holds
+    # what the eval stage measured of this run: its step, every val image, and the AP50 it printed.
+    printed = re.search(r"^eval: (\d+) val images: AP [\d.]+  AP50 ([\d.]+)", first.stdout, re.M)
+    assert printed, first.stdout
+    assert (metrics["step"], metrics["num_images"], f"{metrics['AP50']:.3f}") == (6, 132, printed[2])
+    assert int(printed[1]) == 132
     exports = repo / "models" / "export" / "pet_object_detection"
     assert sorted(p.name for p in exports.iterdir()) == ["1"]
 

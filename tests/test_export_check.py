@@ -48,6 +48,16 @@ def test_the_order_of_tied_scores_is_not_a_difference():
     assert result["max_abs_difference"] == {"detection_boxes": 0.0, "detection_scores": 0.0}
 
 
+def test_a_swap_is_judged_at_the_models_own_nms_overlap():
+    """Candidates overlapping at IoU 0.6 are two that NMS at 0.5 keeps only one of (either may win a
+    near-equal score: a near tie), while NMS at 0.7 keeps both, so one missing is a real difference."""
+    other = [0.1, 0.1, 0.5, 0.77]  # IoU 0.597 with A
+    swapped = detections([(0.7, 3, other), (0.7, 5, B), (0.4, 3, C)])
+    at_half, at_07 = (export_check.compare_detections(detections(THREE), swapped, TOLERANCE, SCORE_THRESHOLD, iou)
+                      for iou in (0.5, 0.7))
+    assert counts(at_half) == (2, 2, 0) and counts(at_07) == (2, 0, 2)
+
+
 @pytest.mark.parametrize("changed", [
     [(0.7, 3, [0.3, 0.3, 0.7, 0.7]), (0.7, 5, B), (0.4, 3, C)],  # a box elsewhere (IoU 0.14)
     [(0.7, 3, A), (0.7, 4, B), (0.4, 3, C)],  # another class

@@ -185,7 +185,82 @@ class FasterRcnnModel(Model):
     detection: PerClassNms = field(default_factory=PerClassNms)
 
 
-MODEL_SCHEMAS: dict[str, type[Model]] = {"retinanet": RetinaNetModel, "faster_rcnn": FasterRcnnModel}
+@dataclass
+class HGNetV2:
+    stem_channels: list[int] = MISSING
+    stackwise_stage_filters: list[list[int]] = MISSING
+    apply_downsample: list[bool] = MISSING
+    use_lightweight_conv_block: list[bool] = MISSING
+    depths: list[int] = MISSING
+    hidden_sizes: list[int] = MISSING
+    embedding_size: int = MISSING
+    use_learnable_affine_block: bool = MISSING
+    hidden_act: str = MISSING
+    out_features: list[str] = MISSING
+
+
+@dataclass
+class DFineDecoder:
+    decoder_in_channels: list[int] = MISSING
+    encoder_hidden_dim: int = MISSING
+    hidden_dim: int = MISSING
+    learn_initial_query: bool = MISSING
+    num_queries: int = MISSING
+    feat_strides: list[int] = MISSING
+    num_feature_levels: int = MISSING
+    encoder_in_channels: list[int] = MISSING
+    encode_proj_layers: list[int] = MISSING
+    num_attention_heads: int = MISSING
+    encoder_ffn_dim: int = MISSING
+    num_encoder_layers: int = MISSING
+    hidden_expansion: float = MISSING
+    depth_multiplier: float = MISSING
+    eval_idx: int = MISSING
+    num_decoder_layers: int = MISSING
+    decoder_attention_heads: int = MISSING
+    decoder_ffn_dim: int = MISSING
+    decoder_n_points: list[int] = MISSING
+    lqe_hidden_dim: int = MISSING
+    num_lqe_layers: int = MISSING
+    out_features: list[str] = MISSING
+
+
+@dataclass
+class DFineArchitecture:
+    scale: list[float] = MISSING
+    offset: list[float] = MISSING
+    backbone: HGNetV2 = field(default_factory=HGNetV2)
+    decoder: DFineDecoder = field(default_factory=DFineDecoder)
+
+
+@dataclass
+class DFineMatcher:
+    class_cost: float = MISSING
+    bbox_cost: float = MISSING
+    ciou_cost: float = MISSING
+    alpha: float = MISSING
+    gamma: float = MISSING
+
+
+@dataclass
+class DFineLossWeights:
+    vfl: float = MISSING
+    bbox: float = MISSING
+    ciou: float = MISSING
+    fgl: float = MISSING
+    ddf: float = MISSING
+
+
+@dataclass
+class DFineModel(Model):
+    architecture: DFineArchitecture | None = MISSING
+    matcher: DFineMatcher = field(default_factory=DFineMatcher)
+    loss_weights: DFineLossWeights = field(default_factory=DFineLossWeights)
+    ddf_temperature: float = MISSING
+
+
+MODEL_SCHEMAS: dict[str, type[Model]] = {"retinanet": RetinaNetModel, "faster_rcnn": FasterRcnnModel,
+                                         "dfine": DFineModel}
 
 
 # ---- train section of params.yaml

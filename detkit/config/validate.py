@@ -181,11 +181,15 @@ def _validate_start(m: DictConfig, where: str) -> None:
                           f"(got '{m.pretrained}'); set 'architecture: null' to fine-tune the preset's")
 
 
-def _validate_resnet(a: DictConfig, where: str) -> None:
-    """``architecture.scale``/``offset`` and ``architecture.backbone`` (KerasHub ResNetBackbone keys)."""
+def _validate_scaling(a: DictConfig, where: str) -> None:
     for key in ("scale", "offset"):
         if len(a[key]) not in (1, 3):
             raise ConfigError(f"{where}: architecture.{key}: needs 1 or 3 values (per RGB channel), got {len(a[key])}")
+
+
+def _validate_resnet(a: DictConfig, where: str) -> None:
+    """``architecture.scale``/``offset`` and ``architecture.backbone`` (KerasHub ResNetBackbone keys)."""
+    _validate_scaling(a, where)
     b = a.backbone
     _one_of(f"{where}: architecture.backbone.block_type", b.block_type, BLOCK_TYPES)
     lengths = {len(b.stackwise_num_filters), len(b.stackwise_num_blocks), len(b.stackwise_num_strides)}
@@ -241,7 +245,37 @@ def _validate_faster_rcnn(m: DictConfig, where: str) -> None:
                           f"features at stride {stride} (4 x the product of their strides)")
 
 
-FAMILY_CHECKS = {"retinanet": _validate_retinanet, "faster_rcnn": _validate_faster_rcnn}
+def _validate_dfine(m: DictConfig, where: str) -> None:
+    _validate_start(m, where)
+    if min(m.matcher.values()) < 0 or min(m.loss_weights.values()) < 0 or m.ddf_temperature <= 0:
+        raise ConfigError(f"{where}: matcher costs and loss_weights must be >= 0, ddf_temperature > 0")
+    if m.image_size % 32:  # HGNetV2's last stage is at stride 32
+        raise ConfigError(f"{where}: image_size: {m.image_size} must be a multiple of 32")
+    a = m.architecture
+    if a is None:
+        return
+    _validate_scaling(a, where)
+    b, d = a.backbone, a.decoder
+    stages = len(b.stackwise_stage_filters)
+    if not stages or {len(b.apply_downsample), len(b.use_lightweight_conv_block), len(b.depths),
+                      len(b.hidden_sizes)} != {stages}:
+        raise ConfigError(f"{where}: architecture.backbone: stackwise_stage_filters, apply_downsample, "
+                          "use_lightweight_conv_block, depths and hidden_sizes need one entry per stage")
+    known = [f"stage{i + 1}" for i in range(stages)]
+    for key, features in (("backbone.out_features", b.out_features), ("decoder.out_features", d.out_features)):
+        for feature in features:
+            _one_of(f"{where}: architecture.{key}", feature, tuple(known))
+    levels = len(d.out_features)
+    if {len(d.encoder_in_channels), len(d.decoder_in_channels), len(d.feat_strides)} != {levels} or \
+            d.num_feature_levels != levels:
+        raise ConfigError(f"{where}: architecture.decoder: encoder_in_channels, decoder_in_channels, feat_strides "
+                          f"and num_feature_levels need one entry per out_feature ({levels})")
+    for key in ("num_queries", "num_decoder_layers", "hidden_dim", "decoder_attention_heads", "num_attention_heads"):
+        if d[key] < 1:
+            raise ConfigError(f"{where}: architecture.decoder.{key}: {d[key]} must be at least 1")
+
+
+FAMILY_CHECKS = {"retinanet": _validate_retinanet, "faster_rcnn": _validate_faster_rcnn, "dfine": _validate_dfine}
 
 
 def _validate_train(t: DictConfig) -> None:
