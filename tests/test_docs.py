@@ -21,7 +21,7 @@ from sample import make_sample
 from tests.test_layers import LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("dataset", "tfrecords", "pipeline", "training", "models", "export", "serving", "deploy")
+PAGES = ("dataset", "tfrecords", "pipeline", "training", "models", "export", "serving", "deploy", "testing")
 # Spelled with a character class so that this file does not match itself.
 OUTSIDE_DOCUMENT = re.compile(r"\bD[E]SIGN\b")
 LINK = re.compile(r"!?\[[^\]\n]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]\n]+\]:\s*(\S+)", re.M)
