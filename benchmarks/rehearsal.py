@@ -133,7 +133,7 @@ def effective_config(repo: Path) -> str:
         cfg = load_config()
     m, t = cfg.model, cfg.train
     return (f"dataset {cfg.dataset.name} ({len(cfg.dataset.archives)} archives by file:// URL), model {m.name} "
-            f"(builder {m.builder}, {m.image_size} px, pretrained {Path(m.pretrained).name}); train.steps {t.steps}, "
+            f"(family {m.family}, {m.image_size} px, pretrained {Path(m.pretrained).name}); train.steps {t.steps}, "
             f"batch_size {t.batch_size}, warmup_steps {t.warmup_steps}, learning_rate {t.learning_rate}; "
             f"eval.batch_size {cfg.eval.batch_size}; export.check_images {cfg.export.check_images}")
 
