@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from benchmarks.rehearsal import RehearsalError, check_defaults, default_run_copy
+from benchmarks.rehearsal import RehearsalError, check_defaults, default_run_copy, effective_config
 from harness.repo_copy import make_repo_copy
 
 
@@ -38,3 +38,6 @@ def test_after_the_demo_the_rehearsal_copy_holds_the_committed_config_and_the_wo
     assert (copy / "detkit/__init__.py").read_text().endswith("# work in progress\n")
     assert subprocess.run(["git", "status", "--porcelain"], cwd=copy, capture_output=True, text=True,
                           check=True).stdout == ""
+    # The line the rehearsal prints of what the stages will read: the copy's committed default run.
+    assert effective_config(copy).startswith("dataset oxford_pets (2 archives by file:// URL), model retinanet_resnet50 "
+                                             "(family retinanet, 800 px, pretrained ")
