@@ -109,7 +109,8 @@ def test_a_typo_fails_before_tensorflow_loads(tmp_path):
 def test_a_misspelt_group_choice_lists_the_files():
     result = program("stages.train", "--records", "r", "--checkpoints", "c", "--log", "l", "--val-log", "v",
                      "model=retinanet_tinny")
-    assert "(did you mean 'retinanet_tiny'?); choose one of: retinanet_resnet50, retinanet_tiny" in one_line(result)
+    assert ("(did you mean 'retinanet_tiny'?); choose one of: dfine_medium, dfine_small, dfine_tiny, "
+            "faster_rcnn_resnet101, faster_rcnn_tiny, retinanet_resnet50, retinanet_tiny") in one_line(result)
 
 
 def test_usage_errors_are_one_line_too(tmp_path):
