@@ -39,5 +39,6 @@ def test_after_the_demo_the_rehearsal_copy_holds_the_committed_config_and_the_wo
     assert subprocess.run(["git", "status", "--porcelain"], cwd=copy, capture_output=True, text=True,
                           check=True).stdout == ""
     # The line the rehearsal prints of what the stages will read: the copy's committed default run.
-    assert effective_config(copy).startswith("dataset oxford_pets (2 archives by file:// URL), model retinanet_resnet50 "
-                                             "(family retinanet, 800 px, pretrained ")
+    assert effective_config(copy).startswith(
+        "dataset oxford_pets (2 archives by file:// URL), model retinanet_resnet50 "
+        "(family retinanet, 800 px, pretrained ")
