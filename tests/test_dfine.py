@@ -4,8 +4,6 @@ the sample through the train, eval and export stages."""
 
 from __future__ import annotations
 
-import json
-
 import keras
 import keras_hub
 import numpy as np
@@ -15,6 +13,7 @@ from omegaconf import OmegaConf
 
 from detkit.config import ConfigError, load_config
 from detkit.models import dfine as M
+from tests import learning
 
 SIZE = 128  # dfine_tiny's input
 
@@ -175,17 +174,7 @@ AP50_FLOOR = 0.5
 
 @pytest.mark.slow
 def test_tiny_learns_on_the_sample_and_goes_through_eval_and_export(tmp_path, sample_records):
-    from stages import eval as eval_stage
-    from stages import export, train
-
-    cfg = load_config(overrides=LEARN)
-    checkpoints = tmp_path / "checkpoints"
-    train.run(cfg, {"records": sample_records, "pretrained": tmp_path / "pretrained"},
-              {"checkpoints": checkpoints, "log": tmp_path / "train_log.csv", "val_log": tmp_path / "val_log.csv"},
-              track=False, bar=False)
-    result = eval_stage.run(cfg, {"records": sample_records, "checkpoints": checkpoints},
-                            {"metrics": tmp_path / "metrics", "plots": tmp_path / "plots"})
-    assert result["metrics"]["AP50"] >= AP50_FLOOR
-    exported = export.run(cfg, {"records": sample_records, "checkpoints": checkpoints}, {"export": tmp_path / "export"})
-    check = json.loads(next((tmp_path / "export").rglob("export_check.json")).read_text())
+    cfg, metrics = learning.train_and_evaluate(LEARN, tmp_path, sample_records)
+    assert metrics["AP50"] >= AP50_FLOOR
+    exported, check = learning.export_and_check(cfg, tmp_path, sample_records)
     assert check["passed"] and exported

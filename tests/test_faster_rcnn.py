@@ -4,7 +4,6 @@ model that learns on the sample through the train, eval and export stages."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import keras
@@ -17,6 +16,7 @@ from omegaconf import OmegaConf
 from detkit.config import ConfigError, load_config
 from detkit.models import family as F
 from detkit.models import faster_rcnn as M
+from tests import learning
 
 SIZE = 128  # faster_rcnn_tiny's input: 8 x 8 features at stride 16
 
@@ -177,7 +177,7 @@ def test_trained_model_round_trips(tiny, tmp_path, sample_records):
             "detection": dict(tiny_config().detection), "label_offset": 1}
     F.save_trained(M.FAMILY, tiny, tmp_path / "final", info, sample_records / "label_map.pbtxt")
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == sorted(
-        [M.CONFIG_FILE, M.WEIGHTS_FILE, F.INFO_FILE, F.LABEL_MAP_FILE])
+        [M.FAMILY.config_file, M.FAMILY.weights_file, F.INFO_FILE, F.LABEL_MAP_FILE])
     fam, loaded, loaded_info = F.load_trained(tmp_path / "final")
     assert fam is M.FAMILY and loaded_info == {**info, "family": "faster_rcnn"}
     images = tf.random.uniform((2, SIZE, SIZE, 3), 0, 255, seed=4)
@@ -239,17 +239,7 @@ AP50_FLOOR = 0.5
 
 @pytest.mark.slow
 def test_tiny_learns_on_the_sample_and_goes_through_eval_and_export(tmp_path, sample_records):
-    from stages import eval as eval_stage
-    from stages import export, train
-
-    cfg = load_config(overrides=LEARN)
-    checkpoints = tmp_path / "checkpoints"
-    train.run(cfg, {"records": sample_records, "pretrained": tmp_path / "pretrained"},
-              {"checkpoints": checkpoints, "log": tmp_path / "train_log.csv", "val_log": tmp_path / "val_log.csv"},
-              track=False, bar=False)
-    result = eval_stage.run(cfg, {"records": sample_records, "checkpoints": checkpoints},
-                            {"metrics": tmp_path / "metrics", "plots": tmp_path / "plots"})
-    assert result["metrics"]["AP50"] >= AP50_FLOOR
-    exported = export.run(cfg, {"records": sample_records, "checkpoints": checkpoints}, {"export": tmp_path / "export"})
-    check = json.loads(next((tmp_path / "export").rglob("export_check.json")).read_text())
+    cfg, metrics = learning.train_and_evaluate(LEARN, tmp_path, sample_records)
+    assert metrics["AP50"] >= AP50_FLOOR
+    exported, check = learning.export_and_check(cfg, tmp_path, sample_records)
     assert check["passed"] and exported

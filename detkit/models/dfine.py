@@ -31,22 +31,18 @@ config) and ``model.weights.h5``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import keras
 import keras_hub
-import numpy as np
 import tensorflow as tf
 from keras.src.losses.loss import scale_loss_for_distribution
 from keras_hub.src.models.d_fine.d_fine_loss import compute_box_losses, compute_local_losses, hungarian_matcher
 from omegaconf import OmegaConf
 
-from detkit.models.family import LABEL_OFFSET, Built, Family, ModelError, find_preset
+from detkit.models.family import LABEL_OFFSET, Built, KerasModelFamily, ModelError, find_preset, per_channel
 
-CONFIG_FILE = "dfine.json"
-WEIGHTS_FILE = "model.weights.h5"
 CLASS_TERMS = ("vfl",)  # the rest of LOSS_TERMS are box terms
 LOSS_TERMS = ("vfl", "bbox", "ciou", "fgl", "ddf")
 # Keys of KerasHub's DFineBackbone that the model file does not set: the class count is the
@@ -206,11 +202,6 @@ def _settings(m) -> dict[str, Any]:
             "ddf_temperature": plain["ddf_temperature"]}
 
 
-def _built(model: DFine) -> DFine:
-    model(tf.zeros((1, model.image_size, model.image_size, 3)))
-    return model
-
-
 def _from_preset(m, num_classes: int, preset: Path) -> Built:
     """The preset's architecture for ``num_classes``, every tensor of it whose shape fits, its input scaling."""
     try:
@@ -225,8 +216,8 @@ def _from_preset(m, num_classes: int, preset: Path) -> Built:
     config = pretrained.get_config()
     config["backbone"] = keras.saving.serialize_keras_object(pretrained.backbone)
     scale, offset = getattr(converter, "scale", None), getattr(converter, "offset", None)
-    model = _built(DFine(num_classes, backbone_config=config, scale=_per_channel(scale, 1 / 255),
-                         offset=_per_channel(offset, 0.0), **_settings(m)))
+    model = FAMILY.built(DFine(num_classes, backbone_config=config, scale=per_channel(scale, 1 / 255),
+                               offset=per_channel(offset, 0.0), **_settings(m)))
     source = {w.path: w for w in pretrained.weights}
     kept, new = 0, []
     for weight in model.backbone.weights:
@@ -239,12 +230,6 @@ def _from_preset(m, num_classes: int, preset: Path) -> Built:
     return Built(model, kept=kept, total=len(model.weights), new=new)
 
 
-def _per_channel(value, default: float) -> list[float]:
-    if value is None:
-        return [default]
-    return [float(v) for v in np.ravel(np.asarray(value, dtype=np.float64))]
-
-
 def backbone_config(architecture: dict[str, Any]) -> dict[str, Any]:
     """The model file's ``architecture`` as DFineBackbone keys (its ``backbone``: an HGNetV2 config)."""
     hgnet = dict(architecture["backbone"], image_shape=(None, None, 3))
@@ -252,8 +237,10 @@ def backbone_config(architecture: dict[str, Any]) -> dict[str, Any]:
             "backbone": keras.saving.serialize_keras_object(keras_hub.models.HGNetV2Backbone(**hgnet))}
 
 
-class DFineFamily(Family):
+class DFineFamily(KerasModelFamily):
     name = "dfine"
+    config_file = "dfine.json"
+    model_class = DFine
 
     def build(self, m, num_classes: int, pretrained: Path | None) -> Built:
         if pretrained is not None:
@@ -262,41 +249,18 @@ class DFineFamily(Family):
             raise ModelError(f"conf/model/{m.name}.yaml: 'pretrained: none' builds from 'architecture', "
                              "which is null; set the architecture keys or a preset in 'pretrained'")
         a = OmegaConf.to_container(m.architecture, resolve=True)
-        model = _built(DFine(num_classes, backbone_config=backbone_config(a), scale=a["scale"], offset=a["offset"],
-                             **_settings(m)))
+        model = self.built(DFine(num_classes, backbone_config=backbone_config(a), scale=a["scale"],
+                                 offset=a["offset"], **_settings(m)))
         return Built(model, total=len(model.weights))
 
     def training_targets(self, boxes, labels, size: int) -> dict[str, Any]:
         # D-FINE's loss reads normalised center_xywh; padding rows (label -1) are dropped by compute_loss.
         return {"boxes": tf.where(labels[:, None] >= 0, to_center_xywh(boxes), 0.0), "labels": labels}
 
-    def compile(self, model, optimizer, t, jit_compile) -> None:
-        model.class_loss_weight = float(t.class_loss_weight)
-        # The matcher's data-dependent loop and top-k do not compile with XLA: "auto" means off here.
-        model.compile(optimizer=optimizer, jit_compile=False if str(jit_compile).lower() == "auto" else jit_compile)
-
     def loss_parts(self, logs: dict[str, float]) -> dict[str, float]:
         nan = float("nan")
         return {"loss": float(logs.get("loss", nan)), "box_loss": float(logs.get("box_loss", nan)),
                 "class_loss": float(logs.get("class_loss", nan))}
-
-    def detect(self, model, images, detection: dict[str, Any], max_detections: int | None = None) -> dict[str, Any]:
-        return model.detections(images, detection, int(max_detections or detection["max_detections"]))
-
-    def save(self, model, folder: Path) -> None:
-        config = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        model.save_weights(str(Path(folder) / WEIGHTS_FILE))
-
-    def load(self, folder: Path):
-        try:
-            config = json.loads((Path(folder) / CONFIG_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{folder}/{CONFIG_FILE}: cannot read the D-FINE config: {exc}") from exc
-        model = _built(DFine(**config, dtype="float32"))
-        model.load_weights(str(Path(folder) / WEIGHTS_FILE))
-        return model
 
 
 FAMILY = DFineFamily()

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from detkit.data.labelmap import LabelMapError, read_label_map
 
 LABEL_OFFSET = 1  # label-map id = model class + LABEL_OFFSET
@@ -100,6 +102,53 @@ class Family(ABC):
     @abstractmethod
     def load(self, folder: Path):
         """The model ``save`` wrote, float32, exactly as saved."""
+
+
+class KerasModelFamily(Family):
+    """A family whose model is our own ``keras.Model`` subclass (``model_class``), rebuilt from its
+    ``get_config()``: it decodes with its own ``detections`` method, and is saved as ``config_file``
+    (that config as JSON) and ``model.weights.h5``. Its train step holds NMS, top-k or a matcher's
+    loop, which XLA does not compile, so ``train.jit_compile: auto`` means off."""
+
+    model_class: type
+    config_file: str
+    weights_file = "model.weights.h5"
+
+    def built(self, model):
+        """``model`` called once on a blank image, so every weight exists."""
+        import tensorflow as tf
+
+        model(tf.zeros((1, model.image_size, model.image_size, 3)))
+        return model
+
+    def compile(self, model, optimizer, t, jit_compile) -> None:
+        model.class_loss_weight = float(t.class_loss_weight)
+        model.compile(optimizer=optimizer, jit_compile=False if str(jit_compile).lower() == "auto" else jit_compile)
+
+    def detect(self, model, images, detection: dict[str, Any], max_detections: int | None = None) -> dict[str, Any]:
+        return model.detections(images, detection, int(max_detections or detection["max_detections"]))
+
+    def save(self, model, folder: Path) -> None:
+        config = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / self.config_file).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        model.save_weights(str(Path(folder) / self.weights_file))
+
+    def load(self, folder: Path):
+        try:
+            config = json.loads((Path(folder) / self.config_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{folder}/{self.config_file}: cannot read the {self.name} model config: {exc}") from exc
+        model = self.built(self.model_class(**config, dtype="float32"))
+        model.load_weights(str(Path(folder) / self.weights_file))
+        return model
+
+
+def per_channel(value, default: float) -> list[float]:
+    """A KerasHub image converter's ``scale`` or ``offset`` (None, a number or one per channel) as a list."""
+    if value is None:
+        return [default]
+    return [float(v) for v in np.ravel(np.asarray(value, dtype=np.float64))]
 
 
 def family(name: str) -> Family:

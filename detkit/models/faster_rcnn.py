@@ -38,7 +38,6 @@ Trained model (``save`` / ``load``): ``faster_rcnn.json`` (the model's config) a
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,8 @@ from keras.src.losses.loss import scale_loss_for_distribution
 from keras_hub.src.models.resnet.resnet_backbone import apply_stack
 from omegaconf import OmegaConf
 
-from detkit.models.family import LABEL_OFFSET, Built, Family, ModelError, find_preset
+from detkit.models.family import LABEL_OFFSET, Built, KerasModelFamily, ModelError, find_preset, per_channel
 
-CONFIG_FILE = "faster_rcnn.json"
-WEIGHTS_FILE = "model.weights.h5"
 RESNET_KEYS = ("input_conv_filters", "input_conv_kernel_sizes", "stackwise_num_filters", "stackwise_num_blocks",
                "stackwise_num_strides", "block_type", "use_pre_activation")
 FEATURE_STACKS = 3  # conv2-conv4 give the features; the fourth stack (conv5) is the box head
@@ -354,11 +351,6 @@ def _settings(m) -> dict[str, Any]:
             "freeze_batch_norm": plain["freeze_batch_norm"]}
 
 
-def _built(model: FasterRCNN) -> FasterRCNN:
-    model(tf.zeros((1, model.image_size, model.image_size, 3)))
-    return model
-
-
 def _from_preset(m, num_classes: int, preset: Path) -> Built:
     """The ResNet of a KerasHub preset folder: its weights (by layer name) and input scaling."""
     try:
@@ -370,8 +362,8 @@ def _from_preset(m, num_classes: int, preset: Path) -> Built:
         raise ModelError(f"{preset}: the faster_rcnn family needs a KerasHub ResNet of 4 stacks, "
                          f"got {type(resnet).__name__}")
     config = resnet.get_config()
-    model = _built(FasterRCNN(num_classes, backbone=config, scale=_per_channel(converter.scale, 1.0),
-                              offset=_per_channel(converter.offset, 0.0), **_settings(m)))
+    model = FAMILY.built(FasterRCNN(num_classes, backbone=config, scale=per_channel(converter.scale, 1.0),
+                                    offset=per_channel(converter.offset, 0.0), **_settings(m)))
     by_name = {layer.name: layer for layer in resnet.layers}
     kept, new = 0, []
     for part in (model.features, model.box_head):
@@ -384,14 +376,10 @@ def _from_preset(m, num_classes: int, preset: Path) -> Built:
     return Built(model, kept=kept, total=len(model.weights), new=new)
 
 
-def _per_channel(value, default: float) -> list[float]:
-    if value is None:
-        return [default]
-    return [float(v) for v in np.ravel(np.asarray(value, dtype=np.float64))]
-
-
-class FasterRcnnFamily(Family):
+class FasterRcnnFamily(KerasModelFamily):
     name = "faster_rcnn"
+    config_file = "faster_rcnn.json"
+    model_class = FasterRCNN
 
     def build(self, m, num_classes: int, pretrained: Path | None) -> Built:
         if pretrained is not None:
@@ -400,41 +388,18 @@ class FasterRcnnFamily(Family):
             raise ModelError(f"conf/model/{m.name}.yaml: 'pretrained: none' builds from 'architecture', "
                              "which is null; set the architecture keys or a preset in 'pretrained'")
         a = OmegaConf.to_container(m.architecture, resolve=True)
-        model = _built(FasterRCNN(num_classes, backbone=a["backbone"], scale=a["scale"], offset=a["offset"],
-                                  **_settings(m)))
+        model = self.built(FasterRCNN(num_classes, backbone=a["backbone"], scale=a["scale"], offset=a["offset"],
+                                      **_settings(m)))
         return Built(model, total=len(model.weights))
 
     def training_targets(self, boxes, labels, size: int) -> dict[str, Any]:
         return {"boxes": boxes, "labels": labels}  # normalised yxyx; padding rows -1, masked by the loss
-
-    def compile(self, model, optimizer, t, jit_compile) -> None:
-        model.class_loss_weight = float(t.class_loss_weight)
-        # NMS and top-k inside the train step do not compile with XLA: "auto" means off here.
-        model.compile(optimizer=optimizer, jit_compile=False if str(jit_compile).lower() == "auto" else jit_compile)
 
     def loss_parts(self, logs: dict[str, float]) -> dict[str, float]:
         nan = float("nan")
         get = lambda key: float(logs.get(key, nan))  # noqa: E731
         return {"loss": get("loss"), "box_loss": get("rpn_box_loss") + get("box_loss"),
                 "class_loss": get("rpn_objectness_loss") + get("class_loss")}
-
-    def detect(self, model, images, detection: dict[str, Any], max_detections: int | None = None) -> dict[str, Any]:
-        return model.detections(images, detection, int(max_detections or detection["max_detections"]))
-
-    def save(self, model, folder: Path) -> None:
-        config = {k: v for k, v in model.get_config().items() if k not in ("name", "trainable", "dtype")}
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        model.save_weights(str(Path(folder) / WEIGHTS_FILE))
-
-    def load(self, folder: Path):
-        try:
-            config = json.loads((Path(folder) / CONFIG_FILE).read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{folder}/{CONFIG_FILE}: cannot read the Faster R-CNN config: {exc}") from exc
-        model = _built(FasterRCNN(**config, dtype="float32"))
-        model.load_weights(str(Path(folder) / WEIGHTS_FILE))
-        return model
 
 
 FAMILY = FasterRcnnFamily()
