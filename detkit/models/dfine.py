@@ -41,7 +41,7 @@ from keras.src.losses.loss import scale_loss_for_distribution
 from keras_hub.src.models.d_fine.d_fine_loss import compute_box_losses, compute_local_losses, hungarian_matcher
 from omegaconf import OmegaConf
 
-from detkit.models.family import LABEL_OFFSET, Built, KerasModelFamily, ModelError, find_preset, per_channel
+from detkit.models.family import LABEL_OFFSET, Built, KerasModelFamily, ModelError, per_channel
 
 CLASS_TERMS = ("vfl",)  # the rest of LOSS_TERMS are box terms
 LOSS_TERMS = ("vfl", "bbox", "ciou", "fgl", "ddf")
@@ -242,16 +242,13 @@ class DFineFamily(KerasModelFamily):
     config_file = "dfine.json"
     model_class = DFine
 
-    def build(self, m, num_classes: int, pretrained: Path | None) -> Built:
-        if pretrained is not None:
-            return _from_preset(m, num_classes, find_preset(pretrained))
-        if m.architecture is None:
-            raise ModelError(f"conf/model/{m.name}.yaml: 'pretrained: none' builds from 'architecture', "
-                             "which is null; set the architecture keys or a preset in 'pretrained'")
-        a = OmegaConf.to_container(m.architecture, resolve=True)
-        model = self.built(DFine(num_classes, backbone_config=backbone_config(a), scale=a["scale"],
-                                 offset=a["offset"], **_settings(m)))
-        return Built(model, total=len(model.weights))
+    def from_preset(self, m, num_classes: int, preset: Path) -> Built:
+        return _from_preset(m, num_classes, preset)
+
+    def from_architecture(self, m, num_classes: int, architecture: dict[str, Any]) -> DFine:
+        a = architecture
+        return DFine(num_classes, backbone_config=backbone_config(a), scale=a["scale"], offset=a["offset"],
+                     **_settings(m))
 
     def training_targets(self, boxes, labels, size: int) -> dict[str, Any]:
         # D-FINE's loss reads normalised center_xywh; padding rows (label -1) are dropped by compute_loss.

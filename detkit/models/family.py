@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from detkit.data.labelmap import LabelMapError, read_label_map
 
@@ -113,6 +114,24 @@ class KerasModelFamily(Family):
     model_class: type
     config_file: str
     weights_file = "model.weights.h5"
+
+    def build(self, m, num_classes: int, pretrained: Path | None) -> Built:
+        if pretrained is not None:
+            return self.from_preset(m, num_classes, find_preset(pretrained))
+        if m.architecture is None:
+            raise ModelError(f"conf/model/{m.name}.yaml: 'pretrained: none' builds from 'architecture', "
+                             "which is null; set the architecture keys or a preset in 'pretrained'")
+        model = self.built(self.from_architecture(m, num_classes, OmegaConf.to_container(m.architecture,
+                                                                                         resolve=True)))
+        return Built(model, total=len(model.weights))
+
+    @abstractmethod
+    def from_preset(self, m, num_classes: int, preset: Path) -> Built:
+        """A model for ``num_classes`` from the KerasHub preset folder ``preset``, and what it kept of it."""
+
+    @abstractmethod
+    def from_architecture(self, m, num_classes: int, architecture: dict[str, Any]):
+        """A model (not yet built) for ``num_classes`` from the model file's ``architecture`` as plain values."""
 
     def built(self, model):
         """``model`` called once on a blank image, so every weight exists."""

@@ -50,7 +50,7 @@ from keras.src.losses.loss import scale_loss_for_distribution
 from keras_hub.src.models.resnet.resnet_backbone import apply_stack
 from omegaconf import OmegaConf
 
-from detkit.models.family import LABEL_OFFSET, Built, KerasModelFamily, ModelError, find_preset, per_channel
+from detkit.models.family import LABEL_OFFSET, Built, KerasModelFamily, ModelError, per_channel
 
 RESNET_KEYS = ("input_conv_filters", "input_conv_kernel_sizes", "stackwise_num_filters", "stackwise_num_blocks",
                "stackwise_num_strides", "block_type", "use_pre_activation")
@@ -381,16 +381,12 @@ class FasterRcnnFamily(KerasModelFamily):
     config_file = "faster_rcnn.json"
     model_class = FasterRCNN
 
-    def build(self, m, num_classes: int, pretrained: Path | None) -> Built:
-        if pretrained is not None:
-            return _from_preset(m, num_classes, find_preset(pretrained))
-        if m.architecture is None:
-            raise ModelError(f"conf/model/{m.name}.yaml: 'pretrained: none' builds from 'architecture', "
-                             "which is null; set the architecture keys or a preset in 'pretrained'")
-        a = OmegaConf.to_container(m.architecture, resolve=True)
-        model = self.built(FasterRCNN(num_classes, backbone=a["backbone"], scale=a["scale"], offset=a["offset"],
-                                      **_settings(m)))
-        return Built(model, total=len(model.weights))
+    def from_preset(self, m, num_classes: int, preset: Path) -> Built:
+        return _from_preset(m, num_classes, preset)
+
+    def from_architecture(self, m, num_classes: int, architecture: dict[str, Any]) -> FasterRCNN:
+        a = architecture
+        return FasterRCNN(num_classes, backbone=a["backbone"], scale=a["scale"], offset=a["offset"], **_settings(m))
 
     def training_targets(self, boxes, labels, size: int) -> dict[str, Any]:
         return {"boxes": boxes, "labels": labels}  # normalised yxyx; padding rows -1, masked by the loss
