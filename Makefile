@@ -7,6 +7,8 @@ DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
 # make test: pytest-xdist workers (tests/conftest.py keeps the demo's tests on one of them).
 TEST_WORKERS ?= 2
+# make rehearsal: the model file conf/model/<MODEL>.yaml it runs (empty: the default run's, retinanet_resnet50).
+MODEL ?=
 # Serving: the export folder (dvc.yaml's export stage writes it) and the local port.
 EXPORT_DIR ?= models/export
 MODEL_NAME ?= $(shell $(PYTHON) -m detkit.config.show export.model_name)
@@ -113,8 +115,8 @@ bench: ## print the speed and memory benchmarks (figures and ratios against in-r
 	$(PYTHON) -m benchmarks.serving_memory
 	$(PYTHON) -m benchmarks.rehearsal
 
-rehearsal: ## the default run (Pets, ResNet-50 preset, 800 px) offline through every stage on stand-in data + preset, served; 4 steps (CPU, ~15 min)
-	$(PYTHON) -m benchmarks.rehearsal
+rehearsal: ## the default run (Pets, ResNet-50 preset, 800 px; MODEL=dfine_small: another model file) offline through every stage on stand-in data + preset, served; 4 steps (CPU, ~15 min)
+	$(PYTHON) -m benchmarks.rehearsal $(if $(MODEL),--model $(MODEL))
 
 ## Serving (local)
 serve: ## serve the newest export on 127.0.0.1:8080 (SERVE_PORT=...): the container's nginx + entrypoint, TF Serving stand-in

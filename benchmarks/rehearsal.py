@@ -1,27 +1,33 @@
 """`make rehearsal`: the default run (``params.yaml`` selecting Oxford-IIIT Pet and the KerasHub
-RetinaNet ResNet-50 FPN preset at 800 px) through every DVC stage, offline, at full size per
-image, then served with `make serve`'s stack and sent the REST request of docs/export.md.
+RetinaNet ResNet-50 FPN preset at 800 px), or the default run with another model file
+(``--model dfine_small``, ``make rehearsal MODEL=dfine_small``), through every DVC stage, offline,
+at full size per image, then served with `make serve`'s stack and sent the REST request of
+docs/export.md.
 
-It runs in a throwaway copy of the repository with exactly two stand-ins, each fed through
-the path a user has:
+It runs in a throwaway copy of the repository whose ``params.yaml`` and ``conf/`` are the
+committed ones, with exactly two stand-ins, each fed through the path a user has:
 
 - the dataset: ``benchmarks.pets_like`` archives (real per-image scale, every quirk of the
   real archives), named in ``conf/dataset/oxford_pets.yaml`` of the copy by ``file://`` URL
   with their size and sha256, as a user edits that group file for a mirror;
-- the pretrained preset: ``benchmarks.standin_preset`` (the exact architecture of
-  ``retinanet_resnet50_fpn_coco`` with random weights, as a ``.tar.gz``), given with
-  ``dvc exp run -S 'conf/model/retinanet_resnet50.yaml:pretrained=...'`` and its sha256.
+- the pretrained preset: ``benchmarks.standin_preset`` (the exact architecture of the KerasHub
+  preset that the model file's ``pretrained`` names, e.g. ``retinanet_resnet50_fpn_coco``, with
+  random weights, as a ``.tar.gz``; its builder is chosen by the preset's name), given with
+  ``dvc exp run -S 'conf/model/<model>.yaml:pretrained=...'`` and its sha256. A model file
+  with ``pretrained: none`` needs no stand-in.
 
-Only ``train.steps`` and ``train.batch_size`` are reduced (``-S``), and ``train.warmup_steps``
-with them (the config requires it below ``train.steps``; it is set to ``steps - 1``, the
-longest warmup allowed). Each stage runs as its own ``dvc exp run -s <stage>`` under
+The model file is selected as a user selects one for an experiment, ``-S model=<model>``. Only
+``train.steps`` and ``train.batch_size`` are reduced (``-S``), and ``train.warmup_steps`` with
+them (the config requires it below ``train.steps``; it is set to ``steps - 1``, the longest
+warmup allowed). Each stage runs as its own ``dvc exp run -s <stage>`` under
 ``benchmarks.peak_rss``, which measures its memory and kills it above ``--limit-gb``.
 
 Printed: every stage's own summary lines, then a table of wall time and peak memory per
 stage (goal: every stage < 8 GB), seconds per train step, the first steps' losses, the
 served request's latency, and the total wall time.
 
-    python -m benchmarks.rehearsal [--steps 4] [--batch-size 2] [-S eval.batch_size=2 ...] [--work DIR]
+    python -m benchmarks.rehearsal [--model retinanet_resnet50] [--steps 4] [--batch-size 2]
+                                   [-S eval.batch_size=2 ...] [--work DIR]
 """
 
 from __future__ import annotations
@@ -46,12 +52,11 @@ from unittest import mock
 
 from omegaconf import OmegaConf
 
-from benchmarks import peak_rss, pets_like
+from benchmarks import peak_rss, pets_like, standin_preset
 from harness.repo_copy import REPO_ROOT, activated_env, make_repo_copy
 
 STAGES = ("download", "tfrecord", "pretrained", "train", "eval", "export", "package")
 DEFAULTS = {"dataset": "oxford_pets", "model": "retinanet_resnet50"}
-MODEL_FILE = f"conf/model/{DEFAULTS['model']}.yaml"
 DATASET_FILE = f"conf/dataset/{DEFAULTS['dataset']}.yaml"
 GOAL_GB = 8.0
 BIN = Path(sys.executable).parent  # the venv's bin: `dvc`, and the `python` of the stage commands
@@ -123,6 +128,38 @@ def check_defaults(repo: Path) -> None:
     wrong = {key: params.get(key) for key, value in DEFAULTS.items() if params.get(key) != value}
     if wrong:
         raise RehearsalError(f"the committed params.yaml selects {wrong}, not the default run {DEFAULTS}")
+
+
+def model_file(model: str) -> str:
+    return f"conf/model/{model}.yaml"
+
+
+def model_preset(repo: Path, model: str) -> str | None:
+    """The KerasHub preset that the copy's (committed) model file starts from, None for ``pretrained:
+    none``; RehearsalError when there is no such model file or no stand-in for its preset."""
+    path = repo / model_file(model)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in (repo / "conf" / "model").glob("*.yaml")))
+        raise RehearsalError(f"--model {model}: no committed {model_file(model)} (model files: {known})")
+    source = str(OmegaConf.load(path).pretrained)
+    if source == "none":
+        return None
+    preset = standin_preset.preset_name(source)
+    try:
+        standin_preset.builder(preset)
+    except standin_preset.StandInError as exc:
+        raise RehearsalError(f"{model_file(model)}: pretrained {source}: {exc}") from exc
+    return preset
+
+
+def run_overrides(model: str, steps: int, batch_size: int, preset: dict | None, extra: list[str]) -> list[str]:
+    """The ``dvc exp run -S`` overrides of every stage: the model file, the reduced training, the stand-in."""
+    overrides = [f"model={model}", f"train.steps={steps}", f"train.batch_size={batch_size}",
+                 f"train.warmup_steps={steps - 1}"]
+    if preset is not None:
+        overrides += [f"{model_file(model)}:pretrained='{Path(preset['archive']).resolve().as_uri()}'",
+                      f"{model_file(model)}:pretrained_sha256='{preset['sha256']}'"]
+    return overrides + list(extra)
 
 
 def effective_config(repo: Path) -> str:
@@ -238,24 +275,22 @@ def rehearse(work: Path, args: argparse.Namespace, report: dict) -> None:
     logs = work / "logs"
     logs.mkdir(parents=True)
 
-    archives = pets_like.write_archives(work / "archives", args.per_breed, args.test_per_breed)
-    print(pets_like.describe(archives))
-
-    result = results["stand-in preset"] = measured(
-        [sys.executable, "-m", "benchmarks.standin_preset", "--out", str(work / "preset")], REPO_ROOT,
-        dict(os.environ), logs, "standin_preset", args.limit_gb)
-    if result["returncode"] != 0:
-        raise RehearsalError(failure("the stand-in preset", result))
-    print(result["stdout"].strip())
-    preset = json.loads((work / "preset" / "info.json").read_text())
-
     repo = default_run_copy(work / "repo")
     check_defaults(repo)
+    name = model_preset(repo, args.model)
+    archives = pets_like.write_archives(work / "archives", args.per_breed, args.test_per_breed)
+    print(pets_like.describe(archives))
     edit_dataset_file(repo, archives)
-    warmup = args.steps - 1
-    overrides = [f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.warmup_steps={warmup}",
-                 f"{MODEL_FILE}:pretrained='{Path(preset['archive']).resolve().as_uri()}'",
-                 f"{MODEL_FILE}:pretrained_sha256='{preset['sha256']}'", *args.set]
+    preset = None
+    if name is not None:
+        result = results["stand-in preset"] = measured(
+            [sys.executable, "-m", "benchmarks.standin_preset", "--preset", name, "--out", str(work / "preset")],
+            REPO_ROOT, dict(os.environ), logs, "standin_preset", args.limit_gb)
+        if result["returncode"] != 0:
+            raise RehearsalError(failure("the stand-in preset", result))
+        print(result["stdout"].strip())
+        preset = json.loads((work / "preset" / "info.json").read_text())
+    overrides = run_overrides(args.model, args.steps, args.batch_size, preset, args.set)
     report["overrides"] = overrides
     print(f"copy: {repo}; {DATASET_FILE} edited to the stand-in archives; each stage: "
           f"dvc exp run {' '.join(f'-S {o}' for o in overrides)} -s <stage>")
@@ -270,7 +305,7 @@ def rehearse(work: Path, args: argparse.Namespace, report: dict) -> None:
             raise RehearsalError(failure(f"stage {stage}", result))
         if stage == "download":
             print(f"config the stages read: {effective_config(repo)}")
-        if stage == "pretrained":
+        if stage == "pretrained" and preset is not None:
             loaded = json.loads((repo / "models" / "pretrained" / "source.json").read_text())
             if loaded.get("parameters") != preset["parameters"]:
                 raise RehearsalError(f"the pretrained stage loaded {loaded.get('parameters')} parameters, "
@@ -286,7 +321,8 @@ def print_summary(report: dict, args: argparse.Namespace, total_s: float, error:
     """The summary table; True when the run completed and every stage stayed under the goal."""
     results = report["results"]
     print()
-    print(f"rehearsal of the default run: train.steps={args.steps}, train.batch_size={args.batch_size}, "
+    model = "" if args.model == DEFAULTS["model"] else f" with model={args.model}"
+    print(f"rehearsal of the default run{model}: train.steps={args.steps}, train.batch_size={args.batch_size}, "
           f"train.warmup_steps={args.steps - 1}" + (f"; NOT the defaults: {' '.join(args.set)}" if args.set else
                                                      "; everything else as `dvc repro`"))
     print(f"{'':<16} {'wall s':>8} {'largest process GB':>19} {'all processes GB':>17}  note")
@@ -331,6 +367,8 @@ def print_summary(report: dict, args: argparse.Namespace, total_s: float, error:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULTS["model"],
+                        help=f"the model file conf/model/<MODEL>.yaml (-S model=<MODEL>; default {DEFAULTS['model']})")
     parser.add_argument("--steps", type=int, default=4, help="train.steps (at least 2)")
     parser.add_argument("--batch-size", type=int, default=2, help="train.batch_size (2 fits at 800 px on 24 GB)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
