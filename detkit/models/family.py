@@ -134,10 +134,13 @@ class KerasModelFamily(Family):
         """A model (not yet built) for ``num_classes`` from the model file's ``architecture`` as plain values."""
 
     def built(self, model):
-        """``model`` called once on a blank image, so every weight exists."""
+        """``model`` called once on a blank image, so every weight exists.
+
+        Through ``tf.function``: called eagerly, Keras runs each grouped convolution (HGNetV2 has them)
+        in a new XLA function, and TensorFlow warns of "retracing" on the console."""
         import tensorflow as tf
 
-        model(tf.zeros((1, model.image_size, model.image_size, 3)))
+        tf.function(model)(tf.zeros((1, model.image_size, model.image_size, 3)))
         return model
 
     def compile(self, model, optimizer, t, jit_compile) -> None:
