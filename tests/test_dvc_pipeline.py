@@ -116,7 +116,10 @@ def test_whole_pipeline_then_a_param_reruns_only_what_depends_on_it(repo):
     assert ran(run(["dvc", "repro"], repo).stdout) == ["export", "package"]
 
 
-def test_experiments_show_up_in_dvc_exp_show_and_mlflow(tmp_path):
+FAMILY_EXPERIMENTS = {"retinanet-2s": "retinanet_tiny_2s", "dfine": "dfine_tiny", "frcnn": "faster_rcnn_tiny"}
+
+
+def test_experiments_of_three_families_show_up_in_dvc_exp_show_compare_and_mlflow(tmp_path):
     repo = quick_copy(tmp_path)
     # A second model is just a second file: the tiny model with two anchor scales, not three.
     tiny = (repo / "conf" / "model" / "retinanet_tiny.yaml").read_text()
@@ -125,9 +128,10 @@ def test_experiments_show_up_in_dvc_exp_show_and_mlflow(tmp_path):
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "second model"], repo)
 
-    made = make(repo, "exp", "SET=train.learning_rate=0.004", "NAME=lr-exp")  # the README's everyday form
+    made = make(repo, "exp", "SET=model=dfine_tiny train.learning_rate=0.004", "NAME=dfine")  # the README's form
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
-    run(["dvc", "exp", "run", "-n", "2s-exp", "-S", "model=retinanet_tiny_2s"], repo)
+    for name in ("retinanet-2s", "frcnn"):
+        run(["dvc", "exp", "run", "-n", name, "-S", f"model={FAMILY_EXPERIMENTS[name]}"], repo)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     experiments = {}
     for commit in shown:
@@ -135,18 +139,19 @@ def test_experiments_show_up_in_dvc_exp_show_and_mlflow(tmp_path):
             for revision in exp.get("revs") or []:
                 data = revision["data"]
                 experiments[revision.get("name") or data.get("name")] = data
-    assert {"lr-exp", "2s-exp"} <= set(experiments), list(experiments)
-    for name in ("lr-exp", "2s-exp"):
-        dvc_ap50 = experiments[name]["metrics"]["metrics/eval.json"]["data"]["AP50"]
-        mlflow_ap50 = mlflow_metric(repo, name, "eval/AP50")
-        assert mlflow_ap50 == pytest.approx(dvc_ap50, abs=1e-9), name
-    assert experiments["2s-exp"]["params"]["params.yaml"]["data"]["model"] == "retinanet_tiny_2s"
+    assert set(FAMILY_EXPERIMENTS) <= set(experiments), list(experiments)
+    for name, model in FAMILY_EXPERIMENTS.items():
+        assert experiments[name]["params"]["params.yaml"]["data"]["model"] == model
+        for metric, mlflow_key in (("AP50", "eval/AP50"), ("parameters", "parameters"),
+                                   ("train_images_per_second", "train_images_per_second")):
+            dvc_value = experiments[name]["metrics"]["metrics/eval.json"]["data"][metric]
+            assert mlflow_metric(repo, name, mlflow_key) == pytest.approx(dvc_value, abs=1e-9), (name, metric)
 
-    compare_prints_both_with_only_the_changed_params(repo, experiments)
+    compare_prints_the_families_side_by_side_with_only_the_changed_params(repo, experiments)
     mlflow_ui_shows_the_same_numbers(repo, experiments)
 
 
-def compare_prints_both_with_only_the_changed_params(repo, experiments):
+def compare_prints_the_families_side_by_side_with_only_the_changed_params(repo, experiments):
     result = make(repo, "compare")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -155,11 +160,15 @@ def compare_prints_both_with_only_the_changed_params(repo, experiments):
     assert header.split() == ["Experiment", "Created", "AP", "AP50", "AP75", "AR100", "parameters",
                               "train_images_per_second", "dataset", "model",
                               "train.learning_rate"], header  # the one params.yaml key that differs
-    end = header.index(" AP50 ") + len(" AP50")  # metrics are right-aligned under their header
-    for name in ("lr-exp", "2s-exp"):
+    columns = {key: header.index(f" {key}") + len(f" {key}") for key in ("AP50", "parameters",
+                                                                          "train_images_per_second")}
+    for name, model in FAMILY_EXPERIMENTS.items():  # metrics are right-aligned under their header
         row = next(line for line in lines if f"[{name}]" in line)
-        ap50 = float(row[:end].split()[-1])
-        assert ap50 == pytest.approx(experiments[name]["metrics"]["metrics/eval.json"]["data"]["AP50"], abs=1e-5)
+        assert f" {model} " in row, row
+        for key, end in columns.items():
+            shown = float(row[:end].split()[-1])
+            assert shown == pytest.approx(experiments[name]["metrics"]["metrics/eval.json"]["data"][key],
+                                          rel=1e-4, abs=1e-5), (name, key, row)
 
 
 def mlflow_ui_shows_the_same_numbers(repo, experiments):
@@ -179,7 +188,7 @@ def mlflow_ui_shows_the_same_numbers(repo, experiments):
                              timeout=10).json()["runs"]
         shown = {tag["value"]: {m["key"]: m["value"] for m in run["data"]["metrics"]}
                  for run in runs for tag in run["data"]["tags"] if tag["key"] == "dvc_exp_name"}
-        for name in ("lr-exp", "2s-exp"):
+        for name in FAMILY_EXPERIMENTS:
             dvc_ap50 = experiments[name]["metrics"]["metrics/eval.json"]["data"]["AP50"]
             assert shown[name]["eval/AP50"] == pytest.approx(dvc_ap50, abs=1e-9), name
 

@@ -12,15 +12,21 @@ Why not KerasHub's ``DFineObjectDetector`` as it is (keras-hub 0.32):
   rows as objects and reads boxes as normalised ``center_xywh``; ``compute_loss`` here drops the
   padded rows, gives the matcher each image's own count, turns its indices into batch indices,
   and normalises by the real number of boxes; ``training_targets`` gives ``center_xywh``;
+- its Hungarian matcher (a pure-graph Munkres) does not find the cheapest assignment: on a random
+  batch every image's total matching cost was higher than scipy's optimum (a one-box image was
+  matched to query 0 at cost 6.99 where another query cost 2.81), and its loops over queries squared
+  were most of a training step on CPU; ``hungarian_match`` here computes D-FINE's costs in the graph
+  and solves each image with scipy's ``linear_sum_assignment``, as D-FINE's own matcher does;
 - its contrastive denoising takes its ground truth once, when the backbone is built, not from each
   batch, so it is off here (``num_denoising: 0``): the paper trains with it;
 - its ``predict`` runs NMS at a 0.5 confidence and needs a static batch size; D-FINE's own
   decoding (``detections``) is a top-k over every query and class, no NMS (the decoder's
   one-to-one matching makes duplicates rare), for any batch size.
 
-Loss (``compute_loss``, inside Keras' ``fit``): KerasHub's Hungarian matcher and loss terms
-(varifocal, L1, CIoU, fine-grained localisation, decoupled distillation) on the last decoder layer,
-each earlier layer and the encoder's proposals, weighted by ``loss_weights``; the train log's
+Loss (``compute_loss``, inside Keras' ``fit``): the matching above and KerasHub's loss terms (varifocal,
+L1, CIoU, fine-grained localisation, decoupled distillation) on the last decoder layer, each earlier
+layer (distilled from the last) and the encoder's proposals, as D-FINE's criterion (KerasHub's counts the
+last layer twice), weighted by ``loss_weights``; the train log's
 ``class_loss`` is the varifocal terms, ``box_loss`` the rest.
 
 Starting weights: ``pretrained: none`` builds ``architecture`` at random; a preset folder (the
@@ -36,10 +42,12 @@ from typing import Any
 
 import keras
 import keras_hub
+import numpy as np
 import tensorflow as tf
 from keras.src.losses.loss import scale_loss_for_distribution
-from keras_hub.src.models.d_fine.d_fine_loss import compute_box_losses, compute_local_losses, hungarian_matcher
+from keras_hub.src.models.d_fine.d_fine_loss import compute_box_losses, compute_local_losses
 from omegaconf import OmegaConf
+from scipy.optimize import linear_sum_assignment
 
 from detkit.models.family import LABEL_OFFSET, Built, KerasModelFamily, ModelError, per_channel
 
@@ -82,6 +90,42 @@ def varifocal_loss(output, targets, indices, num_boxes, num_classes: int, alpha:
     weight = alpha * tf.sigmoid(tf.stop_gradient(logits)) ** gamma * (1 - is_target) + target_score
     loss = tf.nn.sigmoid_cross_entropy_with_logits(labels=target_score, logits=logits) * weight
     return {"loss_vfl": tf.reduce_sum(tf.reduce_mean(loss, axis=1)) * tf.cast(queries, "float32") / num_boxes}
+
+
+def _assign(cost, valid):
+    """Each image's optimal one-to-one assignment of queries to its valid targets (scipy's solver, as
+    D-FINE's own matcher): [B, Q] query, target (its rank among the image's valid ones), is a match."""
+    rows, cols = (np.zeros(cost.shape[:2], np.int32) for _ in range(2))
+    ok = np.zeros(cost.shape[:2], bool)
+    for b in range(cost.shape[0]):
+        query, target = linear_sum_assignment(cost[b][:, valid[b]])
+        rows[b, :len(query)], cols[b, :len(query)], ok[b, :len(query)] = query, target, True
+    return rows, cols, ok
+
+
+def hungarian_match(output, labels, boxes, valid, m: dict[str, float]):
+    """D-FINE's matching of queries to each image's targets (``labels`` [B, T] and ``boxes`` [B, T, 4],
+    padded rows not ``valid``): focal class cost, L1 and complete-IoU box costs. The costs are one
+    batched graph; the assignment is scipy's, on the host (KerasHub's pure-graph Hungarian loops over
+    queries squared per image and was most of a training step's time on CPU)."""
+    p = tf.sigmoid(tf.stop_gradient(output["logits"]))  # [B, Q, C]
+    p = tf.gather(p, tf.maximum(tf.cast(labels, "int32"), 0), axis=2, batch_dims=1)  # [B, Q, T]
+    alpha, gamma = m["alpha"], m["gamma"]
+    class_cost = (alpha * (1 - p) ** gamma * -tf.math.log(p + 1e-8)
+                  - (1 - alpha) * p ** gamma * -tf.math.log(1 - p + 1e-8))
+    predicted = tf.stop_gradient(output["pred_boxes"])[:, :, None]  # [B, Q, 1, 4]
+    bbox_cost = tf.reduce_sum(tf.abs(predicted - boxes[:, None]), axis=-1)
+    ciou_cost = -keras.utils.bounding_boxes.compute_ciou(to_xyxy(predicted), to_xyxy(boxes[:, None]), "xyxy")
+    cost = m["bbox_cost"] * bbox_cost + m["class_cost"] * class_cost + m["ciou_cost"] * ciou_cost
+    rows, cols, ok = tf.numpy_function(_assign, [cost, valid], [tf.int32, tf.int32, tf.bool], stateful=False)
+    shape = tf.shape(output["logits"])[:2]
+    return tf.reshape(rows, shape), tf.reshape(cols, shape), tf.reshape(ok, shape)
+
+
+def to_xyxy(boxes):
+    """Normalised [center_x, center_y, width, height] -> normalised [xmin, ymin, xmax, ymax]."""
+    cx, cy, w, h = tf.unstack(boxes, axis=-1)
+    return tf.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1)
 
 
 def to_yxyx(boxes):
@@ -132,8 +176,7 @@ class DFine(keras.Model):
         m = self.matcher
 
         def matched(output):
-            rows, cols, ok = hungarian_matcher(output, targets, counts, True, m["alpha"], m["gamma"], m["bbox_cost"],
-                                               m["class_cost"], m["ciou_cost"], self.backbone)
+            rows, cols, ok = hungarian_match(output, labels, boxes, valid, m)
             return rows, tf.minimum(cols + first_row[:, None], last_row), ok
 
         terms: dict[str, Any] = {}
@@ -155,10 +198,10 @@ class DFine(keras.Model):
         add({**last, "pred_corners": corners[:, -1], "ref_points": initial[:, -1],
              "teacher_corners": tf.zeros_like(corners[:, -1]), "teacher_logits": tf.zeros_like(logits[:, -1])},
             local=True)
-        for i in range(layers):
+        for i in range(layers - 1):  # the earlier layers, distilled from the last (D-FINE's auxiliary outputs)
             add({"logits": logits[:, i], "pred_boxes": tf.clip_by_value(points[:, i], 0.0, 1.0),
                  "pred_corners": corners[:, i], "ref_points": initial[:, i],
-                 "teacher_corners": corners[:, -1], "teacher_logits": logits[:, -1]}, local=True, ddf=i < layers - 1)
+                 "teacher_corners": corners[:, -1], "teacher_logits": logits[:, -1]}, local=True, ddf=True)
         add({"logits": y_pred["enc_topk_logits"], "pred_boxes": tf.clip_by_value(y_pred["enc_topk_bboxes"], 0.0, 1.0)},
             local=False)
 
