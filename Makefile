@@ -34,12 +34,15 @@ DEPLOY := $(PYTHON) -m detkit.cloud.deploy
 DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=1000 train.learning_rate=0.002 \
 	train.warmup_steps=100 train.class_loss_weight=10 train.checkpoint_every=250 train.eval_every=250
 
-# make compare: DVC's table with --only-changed. Always shown: the experiment, headline metrics, the model
-# and dataset picked. Dropped: the other metrics, dependency hashes (dvc.yaml's paths; `serving` is the one
-# without a slash) and group files' keys named by path (the group name already says which file ran).
+# make compare: DVC's table with --only-changed, narrow enough for a terminal. Always shown: the experiment,
+# AP/AP50/AP75, parameter count, training images/s, the model and dataset picked. Of the rest, only
+# params.yaml's keys that differ: the other metrics (AR100 among them), the creation time, dependency hashes
+# and the group files' keys are dropped (the group's column already names the file that ran, and two
+# families' model files differ in every key).
 COMPARE_WIDTH ?= 160
-COMPARE_KEEP = ^(Experiment|Created|AP|AP50|AP75|AR100|parameters|train_images_per_second|model|dataset)$$
-COMPARE_DROP = ^(AP[sml]|AR1|AR10|AR[sml]|num_images|step|serving)$$|.*/|^(name|layout|archives|local_dir|label_map)$$
+COMPARE_KEEP = ^(Experiment|AP|AP50|AP75|parameters|train_images_per_second|model|dataset)$$
+PARAMS_SECTIONS := $(shell sed -n 's/^\([a-z_]*\):.*/\1/p' params.yaml | paste -sd'|' -)
+COMPARE_DROP = ^(?!($(PARAMS_SECTIONS))(\.|$$)).*
 MLFLOW_PORT ?= 5000
 
 # DVC must never phone home: the build machines have no internet.
@@ -100,7 +103,7 @@ exp: ## SET='key=value ...' [NAME=...]: one DVC experiment with those params cha
 	@test -n "$(SET)" || { echo "usage: make exp SET='train.learning_rate=0.004 model=retinanet_tiny' [NAME=lr-4e-3]"; exit 2; }
 	$(DVC) exp run $(if $(NAME),-n $(NAME)) $(addprefix -S ,$(SET))
 
-compare: ## the workspace and its experiments side by side: AP, AP50, AP75, AR100, model, dataset, changed params
+compare: ## the workspace and its experiments side by side: AP, AP50, AP75, parameters, train images/s, model, dataset, changed params
 	@COLUMNS=$(COMPARE_WIDTH) $(DVC) exp show --no-pager --only-changed --sort-by AP50 --sort-order desc \
 	  --keep '$(COMPARE_KEEP)' --drop '$(COMPARE_DROP)'
 
