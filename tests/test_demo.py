@@ -26,7 +26,7 @@ TF_STARTUP = re.compile(r"absl::InitializeLog|[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]
 
 pytestmark = pytest.mark.slow
 
-MIN_AP50 = 0.9  # it reaches about 0.97-0.99 (README): a box-format or label-offset mistake gives near 0
+MIN_AP50 = 0.9  # it reaches about 0.96 (README): a box-format or label-offset mistake gives near 0
 
 
 def test_demo_model_learns_the_sample(demo_repo):
@@ -41,10 +41,10 @@ def test_demo_model_learns_the_sample(demo_repo):
 def test_demo_leaves_plots_samples_and_an_experiment(demo_repo, val_examples):
     with open(demo_repo / "plots" / "train_log.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == list(range(10, 1001, 10))  # train.log_every
+    assert [int(r["step"]) for r in rows] == list(range(10, 751, 10))  # train.log_every
     with open(demo_repo / "plots" / "val_log.csv") as f:
         val = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in val] == [250, 500, 750, 1000]  # train.eval_every
+    assert [int(r["step"]) for r in val] == [250, 500, 750]  # train.eval_every
     assert float(val[-1]["AP50"]) > float(val[0]["AP50"])
     plots = json.loads(run(["dvc", "plots", "show", "--json"], demo_repo).stdout)["data"]
     drawn = plots["val AP50 during training"][0]["content"]["data"]["values"]
@@ -87,7 +87,7 @@ def predicted_near(drawn: Image.Image, box) -> bool:
 def test_demo_console_is_the_stages_own_lines(demo_run):
     _, result = demo_run
     output = result.stdout + result.stderr
-    for line in ("download: wrote", "tfrecord: wrote", "train: 1000 steps", "eval: ", "export: wrote", "demo done"):
+    for line in ("download: wrote", "tfrecord: wrote", "train: 750 steps", "eval: ", "export: wrote", "demo done"):
         assert line in output, line
     assert not TF_STARTUP.search(output), TF_STARTUP.search(output).group(0)
     # Warnings a user cannot act on are fixed at their cause, not hidden.
