@@ -19,6 +19,7 @@ from detkit.cloud.training_job import job_request
 from detkit.config import load_config
 from detkit.models import family as F
 from detkit.train import checkpoints as CK
+from detkit.train.optimizer import make_optimizer, make_schedule
 from harness.repo_copy import REPO_ROOT, activated_env
 from tests import training_state
 
@@ -130,7 +131,12 @@ def test_the_train_stage_in_a_job_publishes_the_local_layout_and_resumes_after_a
     assert [row["step"] for row in CK.read_log(model / CK.TRAIN_LOG)] == [1, 2, 3, 4, 5, 6]
     _, final, _ = F.load_trained(model / CK.FINAL)
     checkpoint = F.build(cfg.model, 37, None).model
+    # The file holds the optimizer's slots too: load them into an optimizer of the same kind and schedule.
+    F.family(cfg.model.family).compile(checkpoint, make_optimizer(cfg.train, make_schedule(cfg.train)),
+                                       cfg.train, False)
+    checkpoint.optimizer.build(checkpoint.trainable_variables)
     checkpoint.load_weights(synced / "ckpt-0000006" / CK.WEIGHTS)
+    assert int(checkpoint.optimizer.iterations.numpy()) == 6
     names = [f"{index:04d} {weight.path}" for index, weight in enumerate(final.weights)]
     assert len(names) == len(checkpoint.weights)
     assert training_state.differences(dict(zip(names, (w.numpy() for w in final.weights))),
