@@ -10,7 +10,7 @@ Layout of ``models/checkpoints/`` (the same after a local run and after a SageMa
   atomically after the folder it names is complete: what a re-run resumes from.
 - ``best/`` + ``best.json`` (``train.eval_every`` > 0): the weights of the best val AP50 so far
   and ``{"step", "AP50", "AP", "fingerprint"}``; a resumed run keeps competing against them.
-- ``final/``: the trained model (``detkit.models.retinanet.save_trained``), ``mlflow_run.json``: the MLflow run.
+- ``final/``: the trained model (``detkit.models.family.save_trained``), ``mlflow_run.json``: the MLflow run.
 
 A checkpoint belongs to one fingerprint: model + train params (except those that only change
 how often the run saves, logs or evaluates), the train shards' bytes and the pretrained preset.
