@@ -124,7 +124,8 @@ def latest(checkpoints: Path) -> dict[str, Any] | None:
 
 def restore(folder: Path, detector, step: int) -> None:
     """Weights + optimizer state (``iterations`` included, so the LR schedule resumes too)."""
-    detector.optimizer.build(detector.trainable_variables)  # so load_weights restores its variables
+    if not detector.optimizer.built:  # load_weights restores only the variables it has (built once:
+        detector.optimizer.build(detector.trainable_variables)  # the loss-scale wrapper's build adds more)
     detector.load_weights(str(folder / WEIGHTS))
     restored = int(detector.optimizer.iterations.numpy())
     if restored != step:

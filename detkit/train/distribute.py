@@ -108,8 +108,6 @@ def fit(model, dataset, plan: Plan, *, epochs: int, initial_epoch: int, steps_pe
     import tensorflow as tf
 
     strategy = plan.strategy
-    with strategy.scope():
-        model.optimizer.build(model.trainable_variables)
     batches = iter(strategy.experimental_distribute_dataset(
         dataset.map(model.preprocess_samples, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)))
 

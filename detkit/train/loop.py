@@ -96,6 +96,9 @@ def train(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *, tracking_ur
         # One step per call (Keras' default): its multi-step loop (steps_per_execution) made a CPU step
         # 1.8x slower in benchmarks/train_loop.py and fails under tf.distribute strategies (keras 3.15).
         fam.compile(detector, make_optimizer(t, schedule), t, plan.jit_compile)
+        # Its slots made now, not while Keras traces the train step: variables created in a
+        # tf.function's first trace make TensorFlow trace it a second time (D-FINE tiny: 30 s each).
+        detector.optimizer.build(detector.trainable_variables)
         if index:
             CK.restore(checkpoints / index["latest"], detector, start)
     if not index:
