@@ -76,7 +76,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 test: lint ## lint, then run the whole test suite (offline; TEST_WORKERS=2 processes)
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .

@@ -17,13 +17,11 @@ os.environ["DVC_ROOT"] = str(REPO_ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-# The groups that take minutes (measured with --durations on 2 cores). With --no-loadscope-reorder
-# (make test) xdist hands groups out in collection order: the first two to the two workers, the
-# next two as their second, then one at a time as a worker frees up. A long group collected last
-# runs alone while the other worker idles (the suite's 3-minute tail before this); so these come
-# first, paired as demo (~490 s) + SageMaker (~100 s) and D-FINE (~260 s) + the pipeline (~400 s).
-LONGEST_GROUPS = ("demo", "tests.test_dfine", "tests.test_sagemaker_training", "tests.test_dvc_pipeline",
-                  "tests.test_distribute", "tests.test_dvc_remote", "tests.test_faster_rcnn")
+# The groups that take minutes (measured with --durations on 2 cores), longest first. xdist hands
+# groups to the workers in collection order, one at a time as a worker frees up: a long group
+# collected last runs alone while the other worker idles (the suite's 3-minute tail before this).
+LONGEST_GROUPS = ("demo", "tests.test_dfine", "tests.test_dvc_pipeline", "tests.test_distribute",
+                  "tests.test_sagemaker_training", "tests.test_dvc_remote", "tests.test_faster_rcnn")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
