@@ -17,26 +17,14 @@ os.environ["DVC_ROOT"] = str(REPO_ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-# The groups that take minutes (measured with --durations on 2 cores), longest first. Only with
-# xdist's --no-loadscope-reorder does this order reach the workers (by default xdist sorts groups by
-# test count, which sends these few-test groups last); make test does not pass it yet: with it,
-# test_images' memory assertion failed (it depends on what its worker ran before).
-LONGEST_GROUPS = ("demo", "tests.test_dfine", "tests.test_dvc_pipeline", "tests.test_distribute",
-                  "tests.test_sagemaker_training", "tests.test_dvc_remote", "tests.test_faster_rcnn")
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """With pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): every test that needs
     the demo's run goes to one worker, so `make demo` runs once; the other tests go by module, so a
-    module's fixtures are built once. The longest groups are collected first; a group's tests keep
-    their order."""
-    groups = {}
+    module's fixtures are built once."""
     for item in items:
-        groups[item] = "demo" if "demo_run" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(groups[item]))
-    rank = {group: index for index, group in enumerate(LONGEST_GROUPS)}
-    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
+        group = "demo" if "demo_run" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture

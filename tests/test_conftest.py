@@ -20,10 +20,3 @@ def test_each_module_runs_on_one_worker():
         workers.setdefault(module, set()).add(worker)
     assert sorted(workers) == sorted(modules)
     assert all(len(ran_on) == 1 for ran_on in workers.values()), workers
-
-
-def test_the_longest_groups_named_for_scheduling_exist():
-    from tests.conftest import LONGEST_GROUPS
-
-    modules = {f"tests.{path.stem}" for path in (REPO_ROOT / "tests").glob("test_*.py")}
-    assert [group for group in LONGEST_GROUPS if group != "demo" and group not in modules] == []
