@@ -35,6 +35,7 @@ from PIL import Image
 
 from detkit.core.fsio import newest_version
 from harness.images import gif_of_frames, jpeg_with_scans, png_declaring
+from harness.memory import peaks, reset_peaks
 from harness.repo_copy import REPO_ROOT, VENV, user_env
 from harness.serving import descendants
 from sample.make_sample import QUIRKS
@@ -160,27 +161,6 @@ def apply(data: bytes, mutations) -> bytes:
 
 def finite(value) -> bool:
     return all(math.isfinite(x) for x in np.asarray(value, dtype=float).ravel())
-
-
-def status_kib(pid: int, field: str) -> int:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:  # gone
-        return 0
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
-
-
-def reset_peaks(pids: list[int]) -> int:
-    """Each process's high-water resident set set back to its resident set now (Linux's clear_refs);
-    returns their sum, in bytes: what the peaks that follow are measured from."""
-    for pid in pids:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return sum(status_kib(pid, "VmRSS") for pid in pids) * 1024
-
-
-def peaks(pids: list[int]) -> int:
-    """The sum of the high-water resident sets of ``pids``, in bytes."""
-    return sum(status_kib(pid, "VmHWM") for pid in pids) * 1024
 
 
 def measured(cmd: list[str], figures: Path, cwd: Path = REPO_ROOT) -> tuple[subprocess.CompletedProcess, float]:

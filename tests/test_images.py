@@ -3,11 +3,10 @@ decoder reads them, and an image over the limits is refused before it is decoded
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
-import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from PIL import Image
 from detkit.data import images
 from detkit.data.images import ImageLimits
 from harness.images import gif_of_frames, jpeg_with_scans, png_declaring
+from harness.memory import growths_in_a_fresh_process
 
 LIMITS = ImageLimits(max_pixels=25_000_000, max_jpeg_scans=64)
 
@@ -55,30 +55,6 @@ def refusal(encoded: bytes, limits: ImageLimits = LIMITS) -> str:
     with pytest.raises(tf.errors.InvalidArgumentError) as refused:
         decode(encoded, limits)
     return refused.value.message
-
-
-def rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
-
-
-def peak_growth(call) -> int:
-    """Bytes the process's resident set grew by at most while ``call()`` ran (sampled every 2 ms)."""
-    start, peak, running = rss(), [0], threading.Event()
-    running.set()
-
-    def sample():
-        while running.is_set():
-            peak[0] = max(peak[0], rss() - start)
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        call()
-    finally:
-        running.clear()
-        sampler.join()
-    return peak[0]
 
 
 # cjxl (libjxl 0.7) output of a flat 37 x 53 image: no JPEG XL encoder is installed with the project.
@@ -185,19 +161,22 @@ def _frames(gif):
 
 def test_frames_larger_than_the_declared_screen_are_refused_before_decoding():
     # A 10 x 10 screen; its second frame declares 6000 x 6000: the decoder allocates that frame and a
-    # canvas as large, whatever the screen says (144 MB from a 27 KB file: large enough that the 2 ms
-    # sampler sees it on a busy machine).
+    # canvas as large, whatever the screen says (144 MB from a 27 KB file).
     bomb = gif_of_frames((10, 10), [(0, 0, 10, 10), (0, 0, 6000, 6000)])
     assert len(bomb) < 30_000
     limits = ImageLimits(max_pixels=1_000_000, max_jpeg_scans=64)
-    decoded = peak_growth(lambda: tf.io.decode_image(bomb, channels=3, expand_animations=False))
-    assert decoded > 100 << 20  # what a decode costs: the frame's raster and the canvas
-    refusal(bomb, limits)  # the first call traces the graph: that memory is the graph's, not the image's
-    refused = peak_growth(lambda: refusal(bomb, limits))
+    small_bomb = gif_of_frames((10, 10), [(0, 0, 10, 10), (0, 0, 1001, 1001)])  # 4 MB: traces the refusal
+    (_, warm_up), (refused, refusal), (decoded, _) = growths_in_a_fresh_process([
+        (images.decode, (small_bomb, limits)),
+        (images.decode, (bomb, limits)),
+        (functools.partial(tf.io.decode_image, channels=3, expand_animations=False), (bomb,)),
+    ])
     print(f"GIF bomb of {len(bomb)} bytes: decoding it grew the process by {decoded >> 20} MB, refusing it by "
           f"{refused >> 20} MB")
+    assert "exceeds export.max_image_pixels = 1000000" in warm_up
+    assert "image of 6000 x 6000 pixels exceeds export.max_image_pixels = 1000000" in refusal
     assert refused < 5 << 20
-    assert "image of 6000 x 6000 pixels exceeds export.max_image_pixels = 1000000" in refusal(bomb, limits)
+    assert decoded > 100 << 20  # what a decode costs: the frame's raster and the canvas
 
 
 def test_frames_that_together_exceed_the_limit_are_refused():
