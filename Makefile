@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
-# make test: pytest-xdist workers (tests/conftest.py keeps the demo's tests on one of them).
+# make test: pytest-xdist workers (tests/conftest.py groups the tests and hands out the longest first).
 TEST_WORKERS ?= 2
 # make rehearsal: the model file conf/model/<MODEL>.yaml it runs (empty: the default run's, retinanet_resnet50).
 MODEL ?=
@@ -76,7 +76,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 test: lint ## lint, then run the whole test suite (offline; TEST_WORKERS=2 processes)
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .

@@ -17,14 +17,44 @@ os.environ["DVC_ROOT"] = str(REPO_ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+# The groups that take minutes, longest first (--durations on 2 cores). `make test` passes xdist's
+# --no-loadscope-reorder, so groups reach the workers in collection order: starting the longest first
+# keeps both workers busy to the end (by default xdist sorts groups by test count, which sent these
+# few-test groups last and left one worker idle for minutes). Only speed depends on this list.
+LONGEST_FIRST = (
+    "demo",
+    "tests/test_dfine.py::test_tiny_learns_on_the_sample_and_goes_through_eval_and_export",
+    "tests/test_dvc_pipeline.py::test_experiments_of_three_families_show_up_in_dvc_exp_show_compare_and_mlflow",
+    "test_dvc_pipeline",
+    "tests/test_dvc_remote.py::test_queued_experiments_land_in_dvc_exp_show_and_the_workspace_mlflow_store",
+    "test_sagemaker_training",
+    "tests/test_faster_rcnn.py::test_tiny_learns_on_the_sample_and_goes_through_eval_and_export",
+    "tests/test_distribute.py::test_mixed_precision_and_mirrored_strategy_train_resume_evaluate_and_export_float32",
+    "test_dfine",
+    "tests/test_distribute.py::test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes",
+)
+
+def xdist_group(item) -> str:
+    """``demo`` for every test that needs the demo's run, so `make demo` runs once; the module's name
+    for a test that uses a fixture the module's tests share, so it is built once; otherwise the test's
+    own id, so a module's independent tests can run on both workers."""
+    if "demo_run" in item.fixturenames:
+        return "demo"
+    fixtures = item._fixtureinfo.name2fixturedefs  # pytest's resolved fixtures of the test (no public API)
+    if any(defs[-1].scope in ("module", "class") for defs in fixtures.values()):
+        return item.module.__name__
+    return item.nodeid
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
-    """With pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): every test that needs
-    the demo's run goes to one worker, so `make demo` runs once; the other tests go by module, so a
-    module's fixtures are built once."""
-    for item in items:
-        group = "demo" if "demo_run" in item.fixturenames else item.module.__name__
+    """With pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``): tests grouped as
+    ``xdist_group`` says, the longest groups first; a group's tests keep their order."""
+    groups = {item: xdist_group(item) for item in items}
+    for item, group in groups.items():
         item.add_marker(pytest.mark.xdist_group(group))
+    rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(rank)))
 
 
 @pytest.fixture
