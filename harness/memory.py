@@ -30,34 +30,27 @@ def peaks(pids: list[int]) -> int:
     return sum(status_kib(pid, "VmHWM") for pid in pids) * 1024
 
 
-def peak_growth(call: Callable[[], object]) -> int:
-    """Bytes this process's resident set grew by at most while ``call()`` ran. The kernel's high-water
-    mark sees a peak however short, where a sampling thread can miss one on a busy machine."""
-    start = reset_peaks([os.getpid()])
-    call()
-    return peaks([os.getpid()]) - start
-
+def _error_of(call: Callable[..., object], args: tuple) -> str | None:
+    try:
+        call(*args)
+    except Exception as failure:  # noqa: BLE001 - reported to the caller, which asserts on it
+        return f"{type(failure).__name__}: {failure}"
+    return None
 
 
 def _growths_in_order(calls: list[tuple[Callable[..., object], tuple]]) -> list[tuple[int, str | None]]:
     results = []
     for call, args in calls:
-        error = None
-
-        def run(call=call, args=args):
-            nonlocal error
-            try:
-                call(*args)
-            except Exception as failure:  # noqa: BLE001 - reported to the caller, which asserts on it
-                error = f"{type(failure).__name__}: {failure}"
-
-        results.append((peak_growth(run), error))
+        start = reset_peaks([os.getpid()])
+        error = _error_of(call, args)
+        results.append((peaks([os.getpid()]) - start, error))
     return results
 
 
 def growths_in_a_fresh_process(calls: list[tuple[Callable[..., object], tuple]]) -> list[tuple[int, str | None]]:
-    """``peak_growth`` of each ``call(*args)``, in order, in a new interpreter, with the error each
-    raised (``None`` if none). Allocators keep memory a process has used (TensorFlow's decoders
+    """Bytes the resident set grew by at most during each ``call(*args)``, in order, in a new
+    interpreter (the kernel's high-water mark: a peak however short), with the error each raised
+    (``None`` if none). Allocators keep memory a process has used (TensorFlow's decoders
     included), so in a process that has run a large decode before, the same decode can grow the
     resident set by a fraction of its cost: only a process that has not can measure it."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:

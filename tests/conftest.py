@@ -34,6 +34,7 @@ LONGEST_FIRST = (
     "tests/test_distribute.py::test_two_workers_train_alike_only_the_chief_writes_and_a_killed_run_resumes",
 )
 
+
 def xdist_group(item) -> str:
     """``demo`` for every test that needs the demo's run, so `make demo` runs once; the module's name
     for a test that uses a fixture the module's tests share, so it is built once; otherwise the test's

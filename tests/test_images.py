@@ -166,7 +166,7 @@ def test_frames_larger_than_the_declared_screen_are_refused_before_decoding():
     assert len(bomb) < 30_000
     limits = ImageLimits(max_pixels=1_000_000, max_jpeg_scans=64)
     small_bomb = gif_of_frames((10, 10), [(0, 0, 10, 10), (0, 0, 1001, 1001)])  # 4 MB: traces the refusal
-    (_, warm_up), (refused, refusal), (decoded, _) = growths_in_a_fresh_process([
+    (_, warm_up), (refused, refused_with), (decoded, _) = growths_in_a_fresh_process([
         (images.decode, (small_bomb, limits)),
         (images.decode, (bomb, limits)),
         (functools.partial(tf.io.decode_image, channels=3, expand_animations=False), (bomb,)),
@@ -174,7 +174,7 @@ def test_frames_larger_than_the_declared_screen_are_refused_before_decoding():
     print(f"GIF bomb of {len(bomb)} bytes: decoding it grew the process by {decoded >> 20} MB, refusing it by "
           f"{refused >> 20} MB")
     assert "exceeds export.max_image_pixels = 1000000" in warm_up
-    assert "image of 6000 x 6000 pixels exceeds export.max_image_pixels = 1000000" in refusal
+    assert "image of 6000 x 6000 pixels exceeds export.max_image_pixels = 1000000" in refused_with
     assert refused < 5 << 20
     assert decoded > 100 << 20  # what a decode costs: the frame's raster and the canvas
 
