@@ -5,6 +5,7 @@ limit enforced inside the graph."""
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,24 @@ def test_saved_model_cli_shows_the_design_signature(version_1):
         assert f"outputs['{name}'] tensor_info:\n      dtype: DT_FLOAT\n      shape: (-1, 100)" in text
     assert "outputs['num_detections'] tensor_info:\n      dtype: DT_FLOAT\n      shape: (-1)" in text
     assert signatures.saved_model_cli_show(version_1, "serving_default") == signatures.expected_signature(100)
+
+
+def cli_show(version: Path, signature: str) -> dict:
+    """The real ``saved_model_cli show`` for ``signature``, its printed tensors parsed."""
+    text = subprocess.run([str(Path(sys.executable).with_name("saved_model_cli")), "show", "--dir", str(version),
+                           "--tag_set", "serve", "--signature_def", signature],
+                          capture_output=True, text=True, check=True).stdout
+    shown = {"inputs": {}, "outputs": {}}
+    for kind, name, dtype, shape in re.findall(r"(inputs|outputs)\['([^']+)'\] tensor_info:\s*dtype: (\w+)\s*"
+                                               r"shape: (\([^)]*\)|unknown_rank)", text):
+        shown[kind][name] = [dtype, shape]
+    shown["method_name"] = re.search(r"Method name is: (\S+)", text).group(1)
+    return shown
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "image_tensor", "tf_example"])
+def test_the_export_check_reads_each_signature_as_saved_model_cli_prints_it(every_signature, signature):
+    assert signatures.saved_model_cli_show(every_signature, signature) == cli_show(every_signature, signature)
 
 
 def test_extra_signatures_agree_with_serving_default(every_signature, val_examples):

@@ -3,14 +3,13 @@ contract around any family's ``detect``, and what ``saved_model_cli show`` must 
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import keras
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 
 from detkit.data import pipeline
 from detkit.data.images import ImageLimits
@@ -37,18 +36,23 @@ def expected_signature(max_detections: int, input_type: str = "serving_default")
 
 
 def saved_model_cli_show(path: Path, signature: str) -> dict[str, Any]:
-    """``saved_model_cli show`` for one signature, parsed into ``expected_signature``'s shape."""
-    cli = Path(sys.executable).with_name("saved_model_cli")
-    command = [str(cli)] if cli.exists() else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
-    text = subprocess.run([*command, "show", "--dir", str(path), "--tag_set", "serve", "--signature_def", signature],
-                          capture_output=True, text=True, check=True).stdout
-    shown: dict[str, Any] = {"inputs": {}, "outputs": {}, "method_name": None}
-    for kind, name, dtype, shape in re.findall(r"(inputs|outputs)\['([^']+)'\] tensor_info:\s*dtype: (\w+)\s*"
-                                               r"shape: (\([^)]*\))", text):
-        shown[kind][name] = [dtype, shape]
-    method = re.search(r"Method name is: (\S+)", text)
-    shown["method_name"] = method.group(1) if method else None
-    return shown
+    """What ``saved_model_cli show --tag_set serve --signature_def <signature>`` prints of the SavedModel
+    at ``path``, in ``expected_signature``'s shape: read from the same ``saved_model.pb`` fields the CLI
+    prints, in this process (the CLI is a second Python that imports TensorFlow again, seconds a check).
+    test_signatures.py holds this equal to the CLI's own output."""
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
+    served = next(meta for meta in saved.meta_graphs if set(meta.meta_info_def.tags) == {"serve"})
+    definition = served.signature_def[signature]
+
+    def tensor(info) -> list[str]:
+        shape = info.tensor_shape
+        dims = "unknown_rank" if shape.unknown_rank else f"({', '.join(str(d.size) for d in shape.dim)})"
+        return [types_pb2.DataType.Name(info.dtype), dims]
+
+    return {"inputs": {name: tensor(info) for name, info in definition.inputs.items()},
+            "outputs": {name: tensor(info) for name, info in definition.outputs.items()},
+            "method_name": definition.method_name or None}
 
 
 def serving_functions(detect, size: int, signatures: list[str], limits: ImageLimits) -> dict[str, tuple[Any, list]]:
