@@ -26,7 +26,6 @@ LONGEST_FIRST = (
     "tests/test_dfine.py::test_tiny_learns_on_the_sample_and_goes_through_eval_and_export",
     "tests/test_dvc_pipeline.py::test_experiments_of_three_families_show_up_in_dvc_exp_show_compare_and_mlflow",
     "test_dvc_pipeline",
-    "tests/test_dvc_remote.py::test_queued_experiments_land_in_dvc_exp_show_and_the_workspace_mlflow_store",
     "test_sagemaker_training",
     "tests/test_faster_rcnn.py::test_tiny_learns_on_the_sample_and_goes_through_eval_and_export",
     "tests/test_distribute.py::test_mixed_precision_and_mirrored_strategy_train_resume_evaluate_and_export_float32",

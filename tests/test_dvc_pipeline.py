@@ -119,7 +119,21 @@ def test_whole_pipeline_then_a_param_reruns_only_what_depends_on_it(repo):
 FAMILY_EXPERIMENTS = {"retinanet-2s": "retinanet_tiny_2s", "dfine": "dfine_tiny", "frcnn": "faster_rcnn_tiny"}
 
 
+def queue_finished(root, timeout_s: float) -> str:
+    """`dvc queue status` once no task is queued or running; the last table it printed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = run(["dvc", "queue", "status"], root).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            return status
+        assert time.monotonic() < deadline, f"queue still busy after {timeout_s:.0f} s:\n{status}"
+        time.sleep(5)
+
+
 def test_experiments_of_three_families_show_up_in_dvc_exp_show_compare_and_mlflow(tmp_path):
+    """Two experiments queued (`dvc exp run --queue`, `dvc queue start`), each run in its own copy, and one
+    with the README's `make exp` in the workspace: all land in `dvc exp show`, in the workspace's MLflow
+    store (one run each, trained with their own params), in `make compare` and in `make mlflow-ui`."""
     repo = quick_copy(tmp_path)
     # A second model is just a second file: the tiny model with two anchor scales, not three.
     tiny = (repo / "conf" / "model" / "retinanet_tiny.yaml").read_text()
@@ -128,13 +142,26 @@ def test_experiments_of_three_families_show_up_in_dvc_exp_show_compare_and_mlflo
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "second model"], repo)
 
+    committed_rate = YAML(typ="safe").load((repo / "params.yaml").read_text())["train"]["learning_rate"]
+    queued = ("retinanet-2s", "frcnn")
+    for name in queued:
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"model={FAMILY_EXPERIMENTS[name]}"], repo)
+    run(["dvc", "queue", "start", "-j", "1"], repo)
+    try:
+        status = queue_finished(repo, timeout_s=480)
+    finally:
+        run(["dvc", "queue", "stop"], repo, check=False)
+    for name in queued:
+        assert re.search(rf"\b{name}\b.*\bSuccess\b", status), \
+            status + run(["dvc", "queue", "logs", name], repo, check=False).stdout[-4000:]
+    assert not (repo / "data").exists() and not (repo / "models").exists()  # each ran in its own copy
+
     made = make(repo, "exp", "SET=model=dfine_tiny train.learning_rate=0.004", "NAME=dfine")  # the README's form
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
     console = made.stdout + made.stderr
     assert "train: dfine_tiny: all 618 tensors start from random values" in console, console[-3000:]
     assert "WARNING:tensorflow" not in console  # nothing a user cannot act on
-    for name in ("retinanet-2s", "frcnn"):
-        run(["dvc", "exp", "run", "-n", name, "-S", f"model={FAMILY_EXPERIMENTS[name]}"], repo)
+
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     experiments = {}
     for commit in shown:
@@ -143,12 +170,16 @@ def test_experiments_of_three_families_show_up_in_dvc_exp_show_compare_and_mlflo
                 data = revision["data"]
                 experiments[revision.get("name") or data.get("name")] = data
     assert set(FAMILY_EXPERIMENTS) <= set(experiments), list(experiments)
+    rates = {"retinanet-2s": committed_rate, "frcnn": committed_rate, "dfine": 0.004}
     for name, model in FAMILY_EXPERIMENTS.items():
         assert experiments[name]["params"]["params.yaml"]["data"]["model"] == model
         for metric, mlflow_key in (("AP50", "eval/AP50"), ("parameters", "parameters"),
                                    ("train_images_per_second", "train_images_per_second")):
             dvc_value = experiments[name]["metrics"]["metrics/eval.json"]["data"][metric]
             assert mlflow_metric(repo, name, mlflow_key) == pytest.approx(dvc_value, abs=1e-9), (name, metric)
+        # Trained with its own params: the MLflow run (in the workspace's store, not an executor's copy) has them.
+        assert mlflow_param(repo, name, "model.name") == model, name
+        assert float(mlflow_param(repo, name, "train.learning_rate")) == rates[name], name
 
     compare_prints_the_families_side_by_side_with_only_the_changed_params(repo, experiments)
     mlflow_ui_shows_the_same_numbers(repo, experiments)
@@ -196,15 +227,24 @@ def mlflow_ui_shows_the_same_numbers(repo, experiments):
             assert shown[name]["eval/AP50"] == pytest.approx(dvc_ap50, abs=1e-9), name
 
 
-def mlflow_metric(repo, exp_name: str, key: str) -> float:
-    """The one MLflow run tagged with this DVC experiment name, and its metric."""
+def mlflow_value(repo, exp_name: str, table: str, key: str):
+    """From the workspace's MLflow store: ``key`` in ``table`` (latest_metrics or params) of the one run
+    tagged with this DVC experiment name."""
     with sqlite3.connect(repo / "mlflow.db") as db:
         runs = db.execute("SELECT run_uuid FROM tags WHERE key = 'dvc_exp_name' AND value = ?",
                           (exp_name,)).fetchall()
         assert len(runs) == 1, (exp_name, runs)
-        (value,) = db.execute("SELECT value FROM latest_metrics WHERE run_uuid = ? AND key = ?",
+        (value,) = db.execute(f"SELECT value FROM {table} WHERE run_uuid = ? AND key = ?",  # noqa: S608
                               (runs[0][0], key)).fetchone()
     return value
+
+
+def mlflow_metric(repo, exp_name: str, key: str) -> float:
+    return mlflow_value(repo, exp_name, "latest_metrics", key)
+
+
+def mlflow_param(repo, exp_name: str, key: str) -> str:
+    return mlflow_value(repo, exp_name, "params", key)
 
 
 def test_typo_in_params_fails_before_any_work(tmp_path):
