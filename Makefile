@@ -86,9 +86,10 @@ lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
 fuzz: ## the fuzz test with many more cases than make test runs (HYPOTHESIS_PROFILE=fuzz; runs make demo first, minutes)
 	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -s -p no:cacheprovider tests/test_fuzz.py
 
-mutate: ## mutation testing (mutmut) of the pure-Python core against its fast tests: score per module, mutants let through (long; not in make test)
+mutate: ## mutation testing: mutmut over the pure-Python core (score per module, mutants let through), then the named mutants (long; not in make test)
 	$(VENV)/bin/mutmut run --max-children $(TEST_WORKERS)
 	$(PYTHON) -m harness.mutation_score
+	$(PYTHON) -m harness.named_mutants
 
 ## Pipeline
 demo: ## the whole pipeline on the embedded sample with the tiny model, as a DVC experiment (CPU, minutes)
