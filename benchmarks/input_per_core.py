@@ -35,13 +35,12 @@ def pets_like_records(work: Path) -> Path:
     return root / "data" / "records"
 
 
-def images_per_second(records: Path, model: str, one_thread: bool) -> tuple[int, float]:
+def images_per_second(records: Path, cfg, one_thread: bool) -> float:
     import tensorflow as tf
 
     from detkit.data import pipeline
     from detkit.models import family
 
-    cfg = load_config(overrides=[f"model={model}"])
     t, size = cfg.train, int(cfg.model.image_size)
     dataset = pipeline.train_dataset(records, size, int(t.batch_size), t.augment, max_boxes=int(t.max_boxes),
                                      shuffle_buffer=int(t.shuffle_buffer), seed=0, deterministic=bool(t.deterministic),
@@ -56,7 +55,7 @@ def images_per_second(records: Path, model: str, one_thread: bool) -> tuple[int,
     start = time.perf_counter()
     for _ in range(BATCHES):
         next(batches)
-    return size, BATCHES * int(t.batch_size) / (time.perf_counter() - start)
+    return BATCHES * int(t.batch_size) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -64,8 +63,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="input-per-core-") as scratch:
         records = pets_like_records(Path(scratch).resolve())
         for model in MODELS:
-            size, one = images_per_second(records, model, one_thread=True)
-            _, every = images_per_second(records, model, one_thread=False)
+            cfg = load_config(overrides=[f"model={model}"])
+            size = int(cfg.model.image_size)
+            one, every = (images_per_second(records, cfg, one_thread) for one_thread in (True, False))
             verdict = "meets" if one >= GOAL_PER_CORE else "is BELOW"
             print(f"input pipeline, {model} ({size} px, batch of train.batch_size): {one:.1f} images/s on one core "
                   f"(the baseline), {every:.1f} on {cores} cores ({every / one:.2f}x, {every / cores:.1f} a core); "

@@ -35,24 +35,24 @@ def expected_signature(max_detections: int, input_type: str = "serving_default")
     }
 
 
-def saved_model_cli_show(path: Path, signature: str) -> dict[str, Any]:
-    """What ``saved_model_cli show --tag_set serve --signature_def <signature>`` prints of the SavedModel
-    at ``path``, in ``expected_signature``'s shape: read from the same ``saved_model.pb`` fields the CLI
-    prints, in this process (the CLI is a second Python that imports TensorFlow again, seconds a check).
-    test_signatures.py holds this equal to the CLI's own output."""
+def saved_model_cli_show(path: Path) -> dict[str, dict[str, Any]]:
+    """Every signature of the SavedModel at ``path`` as ``saved_model_cli show --tag_set serve
+    --signature_def <name>`` prints it, in ``expected_signature``'s shape: read once from the
+    ``saved_model.pb`` fields the CLI prints, in this process (the CLI is a second Python that imports
+    TensorFlow again, seconds a signature). test_signatures.py holds this equal to the CLI's output."""
     saved = saved_model_pb2.SavedModel()
     saved.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
     served = next(meta for meta in saved.meta_graphs if set(meta.meta_info_def.tags) == {"serve"})
-    definition = served.signature_def[signature]
 
     def tensor(info) -> list[str]:
         shape = info.tensor_shape
         dims = "unknown_rank" if shape.unknown_rank else f"({', '.join(str(d.size) for d in shape.dim)})"
         return [types_pb2.DataType.Name(info.dtype), dims]
 
-    return {"inputs": {name: tensor(info) for name, info in definition.inputs.items()},
-            "outputs": {name: tensor(info) for name, info in definition.outputs.items()},
-            "method_name": definition.method_name or None}
+    return {name: {"inputs": {key: tensor(info) for key, info in definition.inputs.items()},
+                   "outputs": {key: tensor(info) for key, info in definition.outputs.items()},
+                   "method_name": definition.method_name or None}
+            for name, definition in served.signature_def.items()}
 
 
 def serving_functions(detect, size: int, signatures: list[str], limits: ImageLimits) -> dict[str, tuple[Any, list]]:
