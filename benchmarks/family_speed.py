@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,12 +36,14 @@ from benchmarks import pets_like
 from benchmarks.rehearsal import (
     default_run_copy,
     edit_dataset_file,
+    failure,
+    measured,
     model_preset,
     own_lines,
     seconds_per_step,
     val_image,
 )
-from harness.repo_copy import REPO_ROOT, run, stage_command
+from harness.repo_copy import REPO_ROOT, activated_env, run, stage_command
 
 LIMIT_GB = 20.0  # the machine has 24 GB: a stage above this is killed and reported, not left to swap
 
@@ -53,18 +54,6 @@ def real_models(repo: Path) -> list[str]:
     files = sorted(p.stem for p in (repo / "conf" / "model").glob("*.yaml"))
     real = [name for name in files if model_preset(repo, name) is not None]
     return sorted(real, key=lambda name: name != default)
-
-
-def under_peak_rss(repo: Path, logs: Path, name: str, *cmd: str) -> dict:
-    """``cmd`` in ``repo`` under ``benchmarks.peak_rss``: its figures, output and exit status."""
-    figures = logs / f"{name}.json"
-    done = subprocess.run([sys.executable, "-m", "benchmarks.peak_rss", "--json", str(figures), "--limit-gb",
-                           str(LIMIT_GB), "--", *cmd], cwd=repo, capture_output=True, text=True)
-    result = json.loads(figures.read_text())
-    if done.returncode or result["returncode"]:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
-        raise RuntimeError(f"{name} failed ({result['killed'] or 'exit status ' + str(result['returncode'])}):\n{tail}")
-    return {**result, "stdout": done.stdout, "stderr": done.stderr}
 
 
 def measure(repo: Path, work: Path, model: str, steps: int, runs: int, image: bytes) -> dict:
@@ -78,11 +67,13 @@ def measure(repo: Path, work: Path, model: str, steps: int, runs: int, image: by
     picked = [f"model={model}", f"model.pretrained='{Path(standin['archive']).resolve().as_uri()}'",
               f"model.pretrained_sha256='{standin['sha256']}'"]
     stage_command("pretrained", "--out", str(out / "pretrained"), "--cache", str(out / "cache"), *picked, root=repo)
-    train = under_peak_rss(
-        repo, logs, "train", sys.executable, "-m", "stages.train", "--records", "data/records",
-        "--pretrained", str(out / "pretrained"), "--checkpoints", str(out / "checkpoints"),
-        "--log", str(out / "train_log.csv"), "--val-log", str(out / "val_log.csv"), *picked,
-        f"train.steps={steps}", f"train.warmup_steps={steps - 1}", f"train.checkpoint_every={steps}")
+    train = measured([sys.executable, "-m", "stages.train", "--records", "data/records",
+                      "--pretrained", str(out / "pretrained"), "--checkpoints", str(out / "checkpoints"),
+                      "--log", str(out / "train_log.csv"), "--val-log", str(out / "val_log.csv"), *picked,
+                      f"train.steps={steps}", f"train.warmup_steps={steps - 1}", f"train.checkpoint_every={steps}"],
+                     repo, activated_env(), logs, "train", LIMIT_GB)
+    if train["returncode"] or train["killed"]:
+        raise RuntimeError(failure(f"{model}'s train stage", train))
     steady, overall = seconds_per_step(train["stderr"], own_lines("train", train["stdout"]))
     stage_command("export", "--checkpoints", str(out / "checkpoints"), "--records", "data/records",
                   "--out", str(out / "export"), *picked, "export.check_images=2", root=repo)
