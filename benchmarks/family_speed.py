@@ -32,10 +32,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from benchmarks import pets_like
+from benchmarks.input_per_core import pets_like_copy
 from benchmarks.rehearsal import (
-    default_run_copy,
-    edit_dataset_file,
     failure,
     measured,
     model_preset,
@@ -104,10 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="family-speed-") as scratch:
         work = (args.work or Path(scratch)).resolve()
-        repo = default_run_copy(work / "repo")
-        edit_dataset_file(repo, pets_like.write_archives(work / "archives", per_breed=2, test_per_breed=1))
-        stage_command("download", "--out", "data/raw", "--cache", "data/downloads", root=repo)
-        stage_command("tfrecord", "--raw", "data/raw", "--out", "data/records", root=repo)
+        repo = pets_like_copy(work)
         params = OmegaConf.load(repo / "params.yaml")
         _, image = val_image(repo)
         rows = []

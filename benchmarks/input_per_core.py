@@ -25,14 +25,14 @@ GOAL_PER_CORE = 16.0  # images/s per core at 800 px: 200-240 images/s over a 16-
 BATCHES = 20
 
 
-def pets_like_records(work: Path) -> Path:
-    """TFRecords of Pets-like archives (3 images a breed), as the download and tfrecord stages write them
-    in a copy of the repository whose dataset file names the archives."""
+def pets_like_copy(work: Path) -> Path:
+    """A copy of the repository (committed config) whose dataset file names Pets-like archives (3 images a
+    breed), with its ``data/raw`` and ``data/records`` as the download and tfrecord stages write them."""
     root = default_run_copy(work / "repo")
     edit_dataset_file(root, pets_like.write_archives(work / "archives", per_breed=2, test_per_breed=1))
     stage_command("download", "--out", "data/raw", "--cache", "data/downloads", root=root)
     stage_command("tfrecord", "--raw", "data/raw", "--out", "data/records", root=root)
-    return root / "data" / "records"
+    return root
 
 
 def images_per_second(records: Path, cfg, one_thread: bool) -> float:
@@ -61,7 +61,7 @@ def images_per_second(records: Path, cfg, one_thread: bool) -> float:
 def main() -> None:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="input-per-core-") as scratch:
-        records = pets_like_records(Path(scratch).resolve())
+        records = pets_like_copy(Path(scratch).resolve()) / "data" / "records"
         for model in MODELS:
             cfg = load_config(overrides=[f"model={model}"])
             size = int(cfg.model.image_size)
