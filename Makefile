@@ -55,7 +55,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint demo repro exp compare mlflow-ui bench fuzz mutate rehearsal clean serve predict batch docker-test \
+.PHONY: help setup python-check test lint demo repro exp compare mlflow-ui bench fuzz mutate rehearsal clean serve predict batch docker-test \
 	deploy invoke status undeploy
 
 help: ## list the targets
@@ -69,11 +69,18 @@ setup: $(VENV)/.installed ## create .venv with the pinned stack, install nginx, 
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
 	@echo "setup done: $(VENV) ready, nginx $$(nginx -v 2>&1 | cut -d/ -f2), $$(command -v envsubst)"
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt | python-check
 	PATH="$(SYSTEM_PATH)" $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	touch $@
+
+# The download stage and the rehearsal extract archives with tarfile's extraction filters (Python 3.11.4 on;
+# Debian 12's python3 is 3.11.2): refused before .venv is made, not at the first download.
+python-check:
+	@PATH="$(SYSTEM_PATH)" $(PYTHON_SYSTEM) -c 'import tarfile; tarfile.data_filter' 2>/dev/null || { \
+	  echo "make setup: $(PYTHON_SYSTEM) ($$(PATH="$(SYSTEM_PATH)" $(PYTHON_SYSTEM) -V 2>&1)) has no tarfile extraction" \
+	    "filters; the project needs Python 3.11.4 or newer: make setup PYTHON_SYSTEM=/path/to/python3.12" >&2; exit 2; }
 
 test: lint ## lint, then run the whole test suite (offline; TEST_WORKERS=2 processes)
 	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
