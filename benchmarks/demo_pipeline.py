@@ -36,6 +36,7 @@ def time_demo(root: Path) -> float:
 
 
 def input_vs_step(root: Path, batches: int = 30) -> tuple[float, float]:
+    from detkit.core import tflog
     from detkit.data import pipeline as data
     from detkit.models import family
     from detkit.train.optimizer import make_optimizer, make_schedule
@@ -60,9 +61,10 @@ def input_vs_step(root: Path, batches: int = 30) -> tuple[float, float]:
         input_rate = batches * int(t.batch_size) / (time.perf_counter() - start)
 
         in_memory = dataset.take(1).cache().repeat()
-        detector.fit(in_memory, epochs=1, steps_per_epoch=3, verbose=0)  # compile the step
+        tflog.log_onednn_notice()  # as the train stage does: the notice would come at the first step
+        detector.fit(in_memory, epochs=1, steps_per_epoch=3, shuffle=False, verbose=0)  # compile the step
         start = time.perf_counter()
-        detector.fit(in_memory, epochs=1, steps_per_epoch=batches, verbose=0)
+        detector.fit(in_memory, epochs=1, steps_per_epoch=batches, shuffle=False, verbose=0)
         step_rate = batches * int(t.batch_size) / (time.perf_counter() - start)
         return input_rate, step_rate
 
