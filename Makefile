@@ -31,7 +31,7 @@ DEPLOY_OVERRIDES = $(if $(AWS_REGION),deploy.region=$(AWS_REGION)) $(if $(DEPLOY
 DEPLOY := $(PYTHON) -m detkit.cloud.deploy
 # The demo's params: the embedded sample, the tiny model and a training budget CPUs finish in minutes
 # (its measured time: README, make demo).
-DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=750 train.learning_rate=0.0015 \
+DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=750 train.learning_rate=0.002 \
 	train.warmup_steps=100 train.class_loss_weight=10 train.checkpoint_every=250 train.eval_every=250
 
 # make compare: DVC's table with --only-changed, narrow enough for a terminal. Always shown: the experiment,

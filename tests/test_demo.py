@@ -26,7 +26,7 @@ TF_STARTUP = re.compile(r"absl::InitializeLog|[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\]
 
 pytestmark = pytest.mark.slow
 
-MIN_AP50 = 0.9  # it reaches 0.96-0.99 (docs/training.md): a box-format or label-offset mistake gives near 0
+MIN_AP50 = 0.9  # it reaches about 0.93 (README): a box-format or label-offset mistake gives near 0
 
 
 def test_demo_model_learns_the_sample(demo_repo):
