@@ -5,8 +5,11 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
-# make test: pytest-xdist workers (tests/conftest.py groups the tests and hands out the longest first).
+# make test: pytest-xdist workers (tests/conftest.py groups the tests and hands out the longest first), and
+# TensorFlow's threads per process: the cores shared among the workers, so that their kernels do not
+# compete for the same cores (the learning tests' recipes are measured with 1 to 4 threads: docs/testing.md).
 TEST_WORKERS ?= 2
+TEST_TF_THREADS ?= $(shell w=$(TEST_WORKERS); n=$$(nproc); t=$$(( w > 1 ? n / w : n )); echo $$(( t > 0 ? t : 1 )))
 # make rehearsal: the model file conf/model/<MODEL>.yaml it runs (empty: the default run's, retinanet_resnet50).
 MODEL ?=
 # Serving: the export folder (dvc.yaml's export stage writes it) and the local port.
@@ -31,7 +34,7 @@ DEPLOY_OVERRIDES = $(if $(AWS_REGION),deploy.region=$(AWS_REGION)) $(if $(DEPLOY
 DEPLOY := $(PYTHON) -m detkit.cloud.deploy
 # The demo's params: the embedded sample, the tiny model and a training budget CPUs finish in minutes
 # (its measured time: README, make demo).
-DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=750 train.learning_rate=0.002 \
+DEMO_PARAMS ?= dataset=sample model=retinanet_tiny train.steps=750 train.learning_rate=0.0015 \
 	train.warmup_steps=100 train.class_loss_weight=10 train.checkpoint_every=250 train.eval_every=250
 
 # make compare: DVC's table with --only-changed, narrow enough for a terminal. Always shown: the experiment,
@@ -83,7 +86,8 @@ python-check:
 	    "filters; the project needs Python 3.11.4 or newer: make setup PYTHON_SYSTEM=/path/to/python3.12" >&2; exit 2; }
 
 test: lint ## lint, then run the whole test suite (offline; TEST_WORKERS=2 processes)
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	TF_NUM_INTRAOP_THREADS=$(TEST_TF_THREADS) $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup \
+	  --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .

@@ -35,7 +35,7 @@ from detkit.config.cli import command_parser, run_stage
 from detkit.core.fsio import atomic_dir, atomic_write_bytes, atomic_write_json
 from detkit.data.labelmap import read_label_map
 from detkit.eval.coco import ImageResult, evaluate, predict_split
-from detkit.eval.draw import PREDICTED, TRUE, detection_labels, draw_boxes
+from detkit.eval.draw import PREDICTED, TRUE, Boxes, detection_labels, draw_boxes
 from detkit.models import family
 from detkit.train import tracking
 from detkit.train.checkpoints import FINAL, RUN_FILE
@@ -49,9 +49,10 @@ def draw_samples(results: list[ImageResult], encoded: dict[int, bytes], label_ma
     for index in sorted(set(picks)):
         r = results[index]
         image = Image.open(io.BytesIO(encoded[r.image_id])).convert("RGB")
-        draw_boxes(image, r.gt_boxes, [label_map[int(c)] for c in r.gt_labels], TRUE, label_below=True)
         keep = r.scores >= min_score
-        draw_boxes(image, r.boxes[keep], detection_labels(r.classes[keep], r.scores[keep], label_map), PREDICTED)
+        # The truth over the predictions, thin: a good prediction on top would hide it.
+        draw_boxes(image, Boxes(r.boxes[keep], detection_labels(r.classes[keep], r.scores[keep], label_map), PREDICTED),
+                   Boxes(r.gt_boxes, [label_map[int(c)] for c in r.gt_labels], TRUE, label_below=True, thin=True))
         path = out / f"val_{r.image_id:05d}.png"
         image.save(path)
         written.append(path)

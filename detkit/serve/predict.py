@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from detkit.config.cli import command_parser, export_folder, fail, load, run_command
 from detkit.core.fsio import EXPORT_LABEL_MAP, atomic_write_bytes, newest_version
 from detkit.data.labelmap import LabelMapError, read_label_map
-from detkit.eval.draw import PREDICTED, detection_labels, draw_boxes
+from detkit.eval.draw import PREDICTED, Boxes, detection_labels, draw_boxes
 
 DEFAULT_URL = "http://127.0.0.1:8080/invocations"
 DEFAULT_TOP, DEFAULT_MIN_SCORE = 5, 0.3  # detections printed and drawn, and the lowest score among them
@@ -97,8 +97,8 @@ def draw_detections(image_bytes: bytes, prediction: dict[str, Any], label_map: d
     """
     found = top_detections(prediction, label_map, top, min_score)
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    draw_boxes(image, [d["box"] for d in found],
-               detection_labels([d["id"] for d in found], [d["score"] for d in found], label_map), PREDICTED)
+    labels = detection_labels([d["id"] for d in found], [d["score"] for d in found], label_map)
+    draw_boxes(image, Boxes([d["box"] for d in found], labels, PREDICTED))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(out, buffer.getvalue())
