@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # TensorFlow's threads per process: the cores shared among the workers, so that their kernels do not
 # compete for the same cores (the learning tests' recipes are measured with 1 to 4 threads: docs/testing.md).
 TEST_WORKERS ?= 2
-TEST_TF_THREADS ?= $(shell w=$(TEST_WORKERS); n=$$(nproc); t=$$(( w > 1 ? n / w : n )); echo $$(( t > 0 ? t : 1 )))
+TEST_TF_THREADS ?= $(shell w=$(TEST_WORKERS); n=$$(getconf _NPROCESSORS_ONLN); t=$$(( w > 1 ? n / w : n )); echo $$(( t > 0 ? t : 1 )))
 # make rehearsal: the model file conf/model/<MODEL>.yaml it runs (empty: the default run's, retinanet_resnet50).
 MODEL ?=
 # Serving: the export folder (dvc.yaml's export stage writes it) and the local port.
