@@ -7,7 +7,7 @@ DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
 # make test: pytest-xdist workers (tests/conftest.py groups the tests and hands out the longest first), and
 # TensorFlow's threads per process: the cores shared among the workers, so that their kernels do not
-# compete for the same cores (the learning tests' recipes are measured with 1 to 4 threads: docs/testing.md).
+# compete for the same cores (the learning tests' recipes hold with one thread and with more: docs/testing.md).
 TEST_WORKERS ?= 2
 TEST_TF_THREADS ?= $(shell w=$(TEST_WORKERS); n=$$(getconf _NPROCESSORS_ONLN); t=$$(( w > 1 ? n / w : n )); echo $$(( t > 0 ? t : 1 )))
 # make rehearsal: the model file conf/model/<MODEL>.yaml it runs (empty: the default run's, retinanet_resnet50).

@@ -45,7 +45,7 @@ def draw_boxes(image: Image.Image, *layers: Boxes) -> Image.Image:
     for layer in layers:
         for ymin, xmin, ymax, xmax in layer.boxes:
             draw.rectangle([xmin * width, ymin * height, xmax * width, ymax * height], outline=layer.color,
-                           width=max(1, line // 2) if layer.thin else line)
+                           width=line // 2 if layer.thin else line)
     return image
 
 
