@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import keras
 import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
@@ -90,16 +89,16 @@ def serving_functions(detect, size: int, signatures: list[str], limits: ImageLim
 def write_savedmodel(fam: Family, model, size: int, detection: dict[str, Any], max_detections: int, path: Path,
                      signatures: list[str], limits: ImageLimits) -> None:
     """``model`` as a SavedModel at ``path`` whose ``signatures`` run ``fam.detect`` (``serving_functions``)."""
-    # Not ``archive.track(model)``: the endpoints bring every variable they read, and tracking exists for
-    # lookup tables, which no family has; its walk of the model's attributes cost seconds an export
-    # (D-FINE tiny: 9 s, as KerasHub layer properties build ops each time they are read).
-    archive = keras.export.ExportArchive()
 
     def detect(images):
         return fam.detect(model, images, detection, max_detections)
 
-    for name, (function, signature) in serving_functions(detect, size, signatures, limits).items():
-        archive.add_endpoint(name, function, input_signature=signature)
-    archive.write_out(str(path), verbose=False)
-
-
+    # Each signature traced once, here, and saved as that concrete function. Keras' ExportArchive
+    # traces each endpoint twice (once to list its variables, again inside tf.saved_model.save, whose
+    # save options are part of tf.function's cache key: D-FINE tiny 7 s each), and its walk of the
+    # model's attributes when tracking the model cost seconds more.
+    concrete = {name: tf.function(function, input_signature=signature, autograph=False).get_concrete_function()
+                for name, (function, signature) in serving_functions(detect, size, signatures, limits).items()}
+    root = tf.Module()
+    root.variables_read = list({id(v): v for f in concrete.values() for v in f.variables}.values())
+    tf.saved_model.save(root, str(path), signatures=concrete)
