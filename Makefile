@@ -6,9 +6,9 @@ PYTHON := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
 # make test: pytest-xdist workers (tests/conftest.py groups the tests and hands out the longest first), and
-# TensorFlow's threads per process (for kernels and for running independent ops side by side): the cores shared
-# among the workers, so that they do not compete for the same cores (the learning tests' recipes hold with one
-# thread and with more: docs/testing.md).
+# TensorFlow's threads per process, for kernels and for running ops side by side: the cores shared among the
+# workers, so that they do not compete for the same cores (the learning tests' recipes hold with one thread
+# and with more; docs/testing.md has the measurements).
 TEST_WORKERS ?= 2
 TEST_TF_THREADS ?= $(shell w=$(TEST_WORKERS); n=$$(getconf _NPROCESSORS_ONLN); t=$$(( w > 1 ? n / w : n )); echo $$(( t > 0 ? t : 1 )))
 # make rehearsal: the model file conf/model/<MODEL>.yaml it runs (empty: the default run's, retinanet_resnet50).
