@@ -87,8 +87,8 @@ python-check:
 	    "filters; the project needs Python 3.11.4 or newer: make setup PYTHON_SYSTEM=/path/to/python3.12" >&2; exit 2; }
 
 test: lint ## lint, then run the whole test suite (offline; TEST_WORKERS=2 processes)
-	TF_NUM_INTRAOP_THREADS=$(TEST_TF_THREADS) TF_NUM_INTEROP_THREADS=$(TEST_TF_THREADS) $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup \
-	  --no-loadscope-reorder $(PYTEST_ARGS)
+	TF_NUM_INTRAOP_THREADS=$(TEST_TF_THREADS) TF_NUM_INTEROP_THREADS=$(TEST_TF_THREADS) \
+	  $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
 	$(VENV)/bin/ruff check .

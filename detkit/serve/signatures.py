@@ -93,10 +93,9 @@ def write_savedmodel(fam: Family, model, size: int, detection: dict[str, Any], m
     def detect(images):
         return fam.detect(model, images, detection, max_detections)
 
-    # Each signature traced once, here, and saved as that concrete function. Keras' ExportArchive
-    # traces each endpoint twice (once to list its variables, again inside tf.saved_model.save, whose
-    # save options are part of tf.function's cache key: D-FINE tiny 7 s each), and its walk of the
-    # model's attributes when tracking the model cost seconds more.
+    # Each signature traced once and saved as that concrete function, its variables tracked by the root.
+    # Keras' ExportArchive traces each endpoint twice: to list its variables, then inside
+    # tf.saved_model.save, whose save options are part of tf.function's cache key (D-FINE tiny: 7 s each).
     concrete = {name: tf.function(function, input_signature=signature, autograph=False).get_concrete_function()
                 for name, (function, signature) in serving_functions(detect, size, signatures, limits).items()}
     root = tf.Module()
