@@ -6,9 +6,10 @@ PYTHON := $(VENV)/bin/python
 DVC := $(VENV)/bin/dvc
 PYTEST_ARGS ?=
 # make test: pytest-xdist workers (tests/conftest.py groups the tests and hands out the longest first), and
-# TensorFlow's threads per process, for kernels and for running ops side by side: the cores shared among the
-# workers, so that they do not compete for the same cores (the learning tests' recipes hold with one thread
-# and with more; docs/testing.md has the measurements).
+# TensorFlow's kernel threads per process: the cores shared among the workers, so that they do not compete
+# for the same cores (the learning tests' recipes hold with one thread and with more). Running independent ops
+# side by side keeps TensorFlow's default, a thread per core: it fills a core the other worker leaves idle
+# (docs/testing.md has the measurements).
 TEST_WORKERS ?= 2
 TEST_TF_THREADS ?= $(shell w=$(TEST_WORKERS); n=$$(getconf _NPROCESSORS_ONLN); t=$$(( w > 1 ? n / w : n )); echo $$(( t > 0 ? t : 1 )))
 # make rehearsal: the model file conf/model/<MODEL>.yaml it runs (empty: the default run's, retinanet_resnet50).
@@ -87,7 +88,7 @@ python-check:
 	    "filters; the project needs Python 3.11.4 or newer: make setup PYTHON_SYSTEM=/path/to/python3.12" >&2; exit 2; }
 
 test: lint ## lint, then run the whole test suite (offline; TEST_WORKERS=2 processes)
-	TF_NUM_INTRAOP_THREADS=$(TEST_TF_THREADS) TF_NUM_INTEROP_THREADS=$(TEST_TF_THREADS) \
+	TF_NUM_INTRAOP_THREADS=$(TEST_TF_THREADS) \
 	  $(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: ## ruff on the code, shellcheck on the scripts, hadolint on the Dockerfile
