@@ -158,8 +158,8 @@ def _records(records: Path, split: str, shuffle_files: bool, seed: int | None,
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     # Parallel steps take tf.data's fixed defaults instead of its autotuner: deleting an iterator waits out the
     # autotuner's current sleep (it doubles up to a minute), so the end of an eval loop or of a training stop
-    # stalled the process for 5-60 s with the CPU idle, one run in two. Options pass on to every dataset
-    # built on this one.
+    # stalled the process with the CPU idle, one run in two (8-20 s measured). Options pass on to every
+    # dataset built on this one.
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
