@@ -89,7 +89,6 @@ def serving_functions(detect, size: int, signatures: list[str], limits: ImageLim
 def write_savedmodel(fam: Family, model, size: int, detection: dict[str, Any], max_detections: int, path: Path,
                      signatures: list[str], limits: ImageLimits) -> None:
     """``model`` as a SavedModel at ``path`` whose ``signatures`` run ``fam.detect`` (``serving_functions``)."""
-
     def detect(images):
         return fam.detect(model, images, detection, max_detections)
 
