@@ -130,6 +130,7 @@ bench: ## print the speed and memory benchmarks (figures and ratios against in-r
 	$(PYTHON) -m benchmarks.train_loop
 	$(PYTHON) -m benchmarks.input_per_core
 	$(PYTHON) -m benchmarks.family_speed
+	$(PYTHON) -m benchmarks.dfine_depthwise
 	$(PYTHON) -m benchmarks.batch_inference
 	$(PYTHON) -m benchmarks.serving_memory
 	$(PYTHON) -m benchmarks.rehearsal

@@ -136,8 +136,8 @@ class KerasModelFamily(Family):
     def built(self, model):
         """``model`` called once on a blank image, so every weight exists.
 
-        Through ``tf.function``: called eagerly, Keras runs each grouped convolution (HGNetV2 has them)
-        in a new XLA function, and TensorFlow warns of "retracing" on the console."""
+        Through ``tf.function``: called eagerly, Keras runs each grouped convolution of a model in a new
+        XLA function, and TensorFlow warns of "retracing" on the console."""
         import tensorflow as tf
 
         tf.function(model)(tf.zeros((1, model.image_size, model.image_size, 3)))
