@@ -22,7 +22,7 @@ Why not KerasHub's ``DFineObjectDetector`` as it is (keras-hub 0.32):
 - HGNetV2 writes its depthwise convolutions as Keras ``Conv2D`` layers with ``groups`` = channels, and
   Keras' TensorFlow backend runs every grouped convolution as an XLA function of its own (TensorFlow's
   grouped kernel is broken on CPU); ``NativeDepthwiseConv2D`` runs them with TensorFlow's depthwise
-  kernel on the same weights, same numbers: a ``dfine_tiny`` training step (batch 16, one op thread)
+  kernel on the same weights, same numbers: a ``dfine_tiny`` training step (batch 16, one kernel thread)
   took 0.26 s instead of 0.50 s, and the export holds no XLA call;
 - its ``predict`` runs NMS at a 0.5 confidence and needs a static batch size; D-FINE's own
   decoding (``detections``) is a top-k over every query and class, no NMS (the decoder's
