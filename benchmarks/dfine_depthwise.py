@@ -35,10 +35,9 @@ def small_model():
     cfg = load_config(overrides=["dataset=sample", "model=dfine_small"])
     backbone = standin_dfine.build("dfine_small_obj2coco").backbone
     config = {**backbone.get_config(), "backbone": keras.saving.serialize_keras_object(backbone.backbone)}
-    plain = {"image_size": standin_dfine.RESOLUTION, "scale": [1 / 255], "offset": [0.0],
-             "matcher": dict(cfg.model.matcher), "loss_weights": dict(cfg.model.loss_weights),
-             "ddf_temperature": float(cfg.model.ddf_temperature)}
-    return dfine.FAMILY.built(dfine.DFine(CLASSES, backbone_config=config, **plain)), cfg, 2
+    model = dfine.DFine(CLASSES, backbone_config=config, scale=[1 / 255], offset=[0.0],
+                        **dfine.model_settings(cfg.model))
+    return dfine.FAMILY.built(model), cfg, 2
 
 
 def with_kerass_grouped_convolutions(model):

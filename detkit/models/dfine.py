@@ -271,7 +271,8 @@ class DFine(keras.Model):
 # ---------------------------------------------------------------------------- building
 
 
-def _settings(m) -> dict[str, Any]:
+def model_settings(m) -> dict[str, Any]:
+    """The model file's keys that ``DFine`` takes besides its backbone and input scaling."""
     plain = OmegaConf.to_container(m, resolve=True)
     return {"image_size": plain["image_size"], "matcher": plain["matcher"], "loss_weights": plain["loss_weights"],
             "ddf_temperature": plain["ddf_temperature"]}
@@ -292,7 +293,7 @@ def _from_preset(m, num_classes: int, preset: Path) -> Built:
     config["backbone"] = keras.saving.serialize_keras_object(pretrained.backbone)
     scale, offset = getattr(converter, "scale", None), getattr(converter, "offset", None)
     model = FAMILY.built(DFine(num_classes, backbone_config=config, scale=per_channel(scale, 1 / 255),
-                               offset=per_channel(offset, 0.0), **_settings(m)))
+                               offset=per_channel(offset, 0.0), **model_settings(m)))
     source = {w.path: w for w in pretrained.weights}
     kept, new = 0, []
     for weight in model.backbone.weights:
@@ -330,7 +331,7 @@ class DFineFamily(KerasModelFamily):
     def from_architecture(self, m, num_classes: int, architecture: dict[str, Any]) -> DFine:
         a = architecture
         return DFine(num_classes, backbone_config=backbone_config(a), scale=a["scale"], offset=a["offset"],
-                     **_settings(m))
+                     **model_settings(m))
 
     def training_targets(self, boxes, labels, size: int) -> dict[str, Any]:
         # D-FINE's loss reads normalised center_xywh; padding rows (label -1) are dropped by compute_loss.
