@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from detkit.models import family as F
 from detkit.train import distribute
 from harness.repo_copy import activated_env
 from tests import training_state
@@ -237,3 +238,24 @@ def test_auto_picks_multi_worker_only_when_tf_config_names_two_workers():
     assert distribute.cluster_workers({"TF_CONFIG": chief_plus_one}) == 2
     with pytest.raises(ValueError, match="TF_CONFIG: not valid JSON"):
         distribute.cluster_workers({"TF_CONFIG": "{cluster"})
+
+
+@pytest.mark.parametrize("setting, gpus, family, mixed", [
+    ("auto", True, "retinanet", True),
+    ("auto", True, "faster_rcnn", True),
+    ("auto", True, "dfine", False),  # its train step cannot be built in float16
+    ("auto", False, "retinanet", False),
+    ("auto", False, "dfine", False),
+    ("true", False, "retinanet", True),
+    ("True", False, "faster_rcnn", True),
+    ("false", True, "retinanet", False),
+    ("false", True, "dfine", False),
+])
+def test_mixed_precision_follows_the_setting_the_machine_and_the_family(setting, gpus, family, mixed):
+    assert distribute.mixed_precision(setting, gpus, F.family(family)) is mixed
+
+
+@pytest.mark.parametrize("gpus", [True, False])
+def test_mixed_precision_forced_on_a_float32_family_is_refused(gpus):
+    with pytest.raises(ValueError, match=r"^train.mixed_precision: true, but the dfine family trains in float32"):
+        distribute.mixed_precision("true", gpus, F.family("dfine"))

@@ -161,6 +161,17 @@ def test_missing_records_exit_2(tmp_path, capsys):
     assert "label_map.pbtxt" in capsys.readouterr().err
 
 
+def test_mixed_precision_forced_on_a_float32_family_exits_2_before_any_work(sample_records, tmp_path, capsys):
+    checkpoints = tmp_path / "c"
+    code = train.main(["--records", str(sample_records), "--checkpoints", str(checkpoints), "--log",
+                       str(tmp_path / "l.csv"), "--val-log", str(tmp_path / "v.csv"),
+                       "dataset=sample", "model=dfine_tiny", "train.mixed_precision=true"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "train.mixed_precision: true" in err, err
+    assert not checkpoints.exists()
+
+
 def test_git_revision_outside_a_git_checkout_is_unknown(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above it either
     assert tracking.git_revision(tmp_path) == "unknown"

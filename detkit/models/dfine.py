@@ -317,6 +317,10 @@ class DFineFamily(KerasModelFamily):
     name = "dfine"
     config_file = "dfine.json"
     model_class = DFine
+    # KerasHub's D-FINE makes its position embeddings and anchors with ops.arange in the layers'
+    # compute dtype, and TensorFlow's Range op takes no float16: under mixed_float16 the train step
+    # cannot be built (on GPUs as on CPUs), so D-FINE trains in float32.
+    mixed_float16 = False
 
     def built(self, model: DFine) -> DFine:
         # Every weight exists once DFine.__init__ returns, so marking the model built traces nothing;

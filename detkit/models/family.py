@@ -70,6 +70,9 @@ class Family(ABC):
     """One detector family. Every method but ``build`` works on a model that ``build`` or ``load`` made."""
 
     name: str
+    # Whether the train step can be built under Keras' mixed_float16 policy. Where it cannot,
+    # ``train.mixed_precision: auto`` trains in float32 and ``true`` is refused before any work.
+    mixed_float16: bool = True
 
     @abstractmethod
     def build(self, m, num_classes: int, pretrained: Path | None) -> Built:

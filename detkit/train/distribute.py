@@ -14,7 +14,8 @@
 
 ``train.batch_size`` is always the global batch: each step's batch is split over all replicas
 of all workers. ``train.mixed_precision``: ``auto`` is ``mixed_float16`` on GPUs and float32
-otherwise. ``train.jit_compile``: ``auto`` lets Keras decide (XLA only where every layer
+otherwise, and float32 for a family that cannot train in float16 (``Family.mixed_float16``), for
+which ``true`` is an error. ``train.jit_compile``: ``auto`` lets Keras decide (XLA only where every layer
 supports it and op determinism is off).
 """
 
@@ -63,12 +64,24 @@ def _switch(value: str) -> bool | None:
     return None if value == "auto" else value == "true"
 
 
-def plan(t, environ=os.environ) -> Plan:
-    """The strategy for ``train.*``. Call before any other TensorFlow op (multi-worker needs that)."""
+def mixed_precision(setting, gpus: bool, family) -> bool:
+    """Whether to train under mixed_float16: ``train.mixed_precision`` (``setting``) on this machine
+    (``gpus``: it has any) for ``family`` (a ``detkit.models.family.Family``)."""
+    mixed = _switch(setting)
+    if mixed and not family.mixed_float16:
+        raise ValueError(f"train.mixed_precision: true, but the {family.name} family trains in float32 only "
+                         "(docs/training.md: Precision, devices, XLA); set it to auto or false")
+    return (bool(gpus) and family.mixed_float16) if mixed is None else mixed
+
+
+def plan(t, family, environ=os.environ) -> Plan:
+    """The strategy for ``train.*`` and the model's ``family``. Call before any other TensorFlow op
+    (multi-worker needs that)."""
     import keras
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
+    mixed = mixed_precision(t.mixed_precision, bool(gpus), family)  # a refusal before any strategy starts
     workers = cluster_workers(environ)
     kind = t.distribute
     if kind == "auto":
@@ -86,8 +99,6 @@ def plan(t, environ=os.environ) -> Plan:
         strategy, chief, workers = tf.distribute.MirroredStrategy(devices), True, 1
     else:
         strategy, chief, workers = tf.distribute.get_strategy(), True, 1
-    mixed = _switch(t.mixed_precision)
-    mixed = bool(gpus) if mixed is None else mixed
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     jit = _switch(t.jit_compile)
     return Plan(strategy, kind, mixed, "auto" if jit is None else jit, workers, chief)

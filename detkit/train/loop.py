@@ -63,8 +63,9 @@ def train(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *, tracking_ur
     label_map = F.load_label_map(records)
     pipeline.shard_files(records, "train")
     fp = CK.fingerprint(cfg, records, pretrained)
+    fam = F.family(cfg.model.family)
     try:
-        plan = distribute.plan(t)
+        plan = distribute.plan(t, fam)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
     tflog.log_onednn_notice()
@@ -89,7 +90,6 @@ def train(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *, tracking_ur
         tf.config.experimental.enable_op_determinism()
     schedule = make_schedule(t)
     interval = stop_interval(t, start)
-    fam = F.family(cfg.model.family)
     with plan.strategy.scope():
         built = F.build(cfg.model, len(label_map), pretrained)
         detector = built.model
