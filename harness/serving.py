@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class ServingStack:
         self.pings: list[int] = []  # /ping status codes seen while starting (0: no answer yet)
 
     def start(self) -> ServingStack:
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serving-{self.nginx_port}.log", "w+")  # noqa: SIM115
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read back by output(), gone when closed)
         self.process = subprocess.Popen([str(ENTRYPOINT), "serve"], env=self.env, stdout=self.log,
                                         stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         return self
