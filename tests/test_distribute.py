@@ -24,44 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["dataset=sample", "model=retinanet_tiny", "model.image_size=64", "train.batch_size=4", "train.max_boxes=2",
         "train.shuffle_buffer=32", "train.warmup_steps=1", "train.learning_rate=0.003"]
 
-# The GPU branch on CPU: split the CPU into two logical devices before TensorFlow starts, so that
-# MirroredStrategy really has two replicas and each step's batch is split between them.
-MIRRORED_SCRIPT = """
-import json, sys
-from pathlib import Path
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import keras
-from detkit.config import load_config
-from stages import eval as evaluate, export, train
-from tests.training_state import Capture
-
-out, records = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = load_config(overrides=json.loads(sys.argv[3]))
-paths = {"checkpoints": out / "checkpoints", "log": out / "train_log.csv", "val_log": out / "val_log.csv"}
-
-class Crash(RuntimeError):
-    pass
-
-class CrashAfter(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == 3:
-            raise Crash()
-
-try:  # the state after step 2, whose checkpoint is written, then a crash after step 3
-    train.run(cfg, {"records": records}, paths, tracking_uri=f"sqlite:///{out}/mlflow.db",
-              callbacks=[Capture(stop=2, path=out / "at_checkpoint.npz"), CrashAfter()])
-except Crash:
-    pass
-summary = train.run(cfg, {"records": records}, paths, tracking_uri=f"sqlite:///{out}/mlflow.db",
-                    callbacks=[Capture(path=out / "at_resume.npz")])
-metrics = evaluate.run(cfg, {"records": records, "checkpoints": paths["checkpoints"]},
-                       {"metrics": out / "metrics", "plots": out / "plots"})["metrics"]
-exported = export.run(cfg, {"records": records, "checkpoints": paths["checkpoints"]}, {"export": out / "export"})
-print("RESULT " + json.dumps({"summary": summary, "AP50": metrics["AP50"], "export": exported["path"],
-                              "policy": keras.mixed_precision.global_policy().name}))
-"""
 
 
 def result_line(output: str) -> dict:
@@ -72,7 +34,8 @@ def result_line(output: str) -> dict:
 def test_mixed_precision_and_mirrored_strategy_train_resume_evaluate_and_export_float32(tmp_path, sample_records):
     overrides = [*TINY, "train.steps=4", "train.checkpoint_every=2", "train.log_every=1", "train.distribute=mirrored",
                  "train.mixed_precision=true", "export.check_images=4"]
-    done = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(tmp_path), str(sample_records),
+    # tests/programs.py: the CPU split into two logical devices, so MirroredStrategy has two replicas.
+    done = subprocess.run([sys.executable, "-m", "tests.programs", "mirrored", str(tmp_path), str(sample_records),
                            json.dumps(overrides)], cwd=REPO, env=activated_env(), capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -109,19 +72,6 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-# A worker: the train stage's command line (sys.argv[3:]), as `python -m stages.train` runs it, with a
-# callback that saves this worker's state after the last stop (sys.argv[2]) to sys.argv[1]: only the
-# chief writes anything of its own, yet the test compares what both trained.
-WORKER_SCRIPT = """
-import sys
-from stages import train
-from tests.training_state import Capture
-
-capture = Capture(stop=int(sys.argv[2]), path=sys.argv[1])
-stage_run = train.run
-train.run = lambda *args, **options: stage_run(*args, callbacks=[capture], **options)
-sys.exit(train.main(sys.argv[3:]))
-"""
 
 
 def start_workers(tmp_path: Path, records: Path, overrides: list[str], checkpoints: list[Path],
@@ -136,7 +86,7 @@ def start_workers(tmp_path: Path, records: Path, overrides: list[str], checkpoin
                             MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", DVC_ROOT=str(REPO))
         log = open(tmp_path / f"worker{index}.out", "a")
         workers.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER_SCRIPT, str(tmp_path / f"state{index}.npz"), str(last_stop),
+            [sys.executable, "-m", "tests.programs", "worker", str(tmp_path / f"state{index}.npz"), str(last_stop),
              "--records", str(records), "--checkpoints", str(checkpoints[index]),
              "--log", str(tmp_path / f"w{index}" / "train_log.csv"),
              "--val-log", str(tmp_path / f"w{index}" / "val_log.csv"), *overrides],

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from detkit.data.labelmap import pets_class_name, read_label_map
 from detkit.data.records import feature_spec
 from sample.make_sample import CLASSES, QUIRKS
 from stages import tfrecord
+from tests.conftest import REPO_ROOT
 
 # libjpeg's warning messages (jerror.h): the file decodes, but TensorFlow prints one on every decode.
 LIBJPEG_WARNING = re.compile(r"Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|"
@@ -148,18 +148,9 @@ def test_plain_jpegs_are_stored_byte_for_byte(examples, stats, sample_raw):
 
 def test_tensorflow_decodes_every_record_without_a_libjpeg_warning(sample_records, stats):
     # libjpeg writes its warnings from C straight to file descriptor 2: a child's captured stderr holds them.
-    script = textwrap.dedent("""
-        import sys
-        import tensorflow as tf
-        decoded = 0
-        for serialized in tf.data.TFRecordDataset(sys.argv[1:]):
-            example = tf.train.Example.FromString(serialized.numpy())
-            tf.io.decode_image(example.features.feature["image/encoded"].bytes_list.value[0])
-            decoded += 1
-        print(decoded)
-    """)
     shards = sorted(str(p) for p in sample_records.glob("*.tfrecord"))
-    result = subprocess.run([sys.executable, "-c", script, *shards], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "tests.programs", "decode", *shards], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     assert int(result.stdout) == sum(split["examples"] for split in stats["splits"].values())
     warnings = [line for line in result.stderr.splitlines() if LIBJPEG_WARNING.search(line)]
