@@ -57,7 +57,7 @@ class ServingStack:
         self.pings: list[int] = []  # /ping status codes seen while starting (0: no answer yet)
 
     def start(self) -> ServingStack:
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read back by output(), gone when closed)
+        self.log = tempfile.TemporaryFile()  # read back by output(), gone when closed
         self.process = subprocess.Popen([str(ENTRYPOINT), "serve"], env=self.env, stdout=self.log,
                                         stderr=subprocess.STDOUT, cwd=REPO_ROOT)
         return self
@@ -76,10 +76,14 @@ class ServingStack:
             time.sleep(0.05)
         raise AssertionError(f"/ping never answered 200 in {timeout_s} s:\n{self.output()}")
 
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()[-6000:]
+    def output(self, last: int | None = 6000) -> str:
+        """What the entrypoint and its servers printed so far (its ``last`` characters; None: all).
+
+        Read with pread: the servers write through the same open file, at its offset, which a seek
+        here would move back over what they wrote."""
+        size = os.fstat(self.log.fileno()).st_size
+        text = os.pread(self.log.fileno(), size, 0).decode(errors="replace")
+        return text if last is None else text[-last:]
 
     def stop(self, timeout_s: float = 30) -> float:
         """SIGTERM the entrypoint; seconds until it and its children are gone."""

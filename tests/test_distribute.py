@@ -25,7 +25,6 @@ TINY = ["dataset=sample", "model=retinanet_tiny", "model.image_size=64", "train.
         "train.shuffle_buffer=32", "train.warmup_steps=1", "train.learning_rate=0.003"]
 
 
-
 def result_line(output: str) -> dict:
     return json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
 

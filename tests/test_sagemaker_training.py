@@ -189,6 +189,15 @@ def test_without_a_role_the_stage_says_how_to_set_it(aws_clients, monkeypatch, s
     assert aws_clients[1].list_training_jobs()["TrainingJobSummaries"] == []
 
 
+def test_mixed_precision_a_family_cannot_train_in_is_refused_before_any_job(aws_clients, sample_records, tmp_path):
+    cfg = load_config(overrides=[*QUICK, "compute=sagemaker", "model=dfine_tiny", "train.mixed_precision=true"])
+    with pytest.raises(ConfigError, match="^train.mixed_precision: true, but the dfine family trains in float32"):
+        S.run(cfg, {"records": sample_records}, outputs(tmp_path))
+    assert aws_clients[1].list_training_jobs()["TrainingJobSummaries"] == []
+    assert aws_clients[0].list_objects_v2(Bucket=BUCKET).get("KeyCount") == 0  # nothing uploaded
+    assert not (tmp_path / "checkpoints").exists()
+
+
 # ---------------------------------------------------------------------------- dvc exp run
 
 

@@ -19,9 +19,9 @@ from detkit.config import load_config
 from detkit.data import annotations
 from detkit.data.labelmap import pets_class_name, read_label_map
 from detkit.data.records import feature_spec
+from harness.repo_copy import REPO_ROOT
 from sample.make_sample import CLASSES, QUIRKS
 from stages import tfrecord
-from tests.conftest import REPO_ROOT
 
 # libjpeg's warning messages (jerror.h): the file decodes, but TensorFlow prints one on every decode.
 LIBJPEG_WARNING = re.compile(r"Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|"

@@ -236,8 +236,7 @@ def test_eight_clients_for_thirty_seconds_see_no_error(served, val_examples):
 def test_eight_clients_with_different_images_each_get_their_own_answer(served, val_examples):
     # Batching is on by default: concurrent requests share batches, and each answer must still
     # be the one its image gets when it is sent alone.
-    served.log.flush()
-    assert "batching: BatchingParameters(max_batch_size=32, batch_timeout_micros=0" in Path(served.log.name).read_text()
+    assert "batching: BatchingParameters(max_batch_size=32, batch_timeout_micros=0" in served.output(last=None)
     images = [example["encoded"] for example in val_examples[:8]]
     alone = [post(served.invocations_url, rest_request(image)).json()["predictions"][0] for image in images]
     answers: dict[int, list] = {i: [] for i in range(8)}

@@ -57,8 +57,9 @@ from detkit.cloud import aws
 from detkit.cloud.training_contract import CHECKPOINTS, ENTRY_POINT, SAGEMAKER_BASE, hyperparameters
 from detkit.config import ConfigError, workspace_root
 from detkit.core.fsio import atomic_dir, atomic_write_bytes
+from detkit.models.family import family
 from detkit.train import checkpoints as CK
-from detkit.train import progress
+from detkit.train import distribute, progress
 
 RUN_ID_ENV = "DETKIT_MLFLOW_RUN_ID"
 ENDED = ("Completed", "Failed", "Stopped")
@@ -409,6 +410,10 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *,
     from detkit.train.tracking import Tracker
 
     c = cfg.compute
+    try:  # here, not in a job already started and paid for
+        distribute.check_precision(cfg.train.mixed_precision, family(cfg.model.family))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     records = Path(inputs["records"])
     pretrained = Path(inputs["pretrained"]) if cfg.model.pretrained != "none" else None
     s3, sagemaker, logs = aws.clients(c.region, "s3", "sagemaker", "logs")

@@ -13,7 +13,8 @@ The contract between the pipeline and a family:
   the model image.
 - Training is Keras' own: ``compile`` (the family's loss) and ``fit`` over
   ``(images, training_targets(...))`` batches; checkpoints are ``save_weights`` / ``load_weights``
-  (optimizer state included), so resume, ``tf.distribute`` and mixed precision work alike.
+  (optimizer state included), so resume, ``tf.distribute`` and mixed precision work alike
+  (mixed precision where the family's train step can be built in float16: ``Family.mixed_float16``).
 - ``detect`` turns resized images into the TF Object Detection API's detections, for any batch
   size: eval, validation during training and every export signature run the same function.
 - Classes: the model's are 0-based; label-map ids (``label_map.pbtxt``) are 1-based

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from detkit.models.family import Family
+
 
 @dataclass
 class Plan:
@@ -64,14 +66,19 @@ def _switch(value: str) -> bool | None:
     return None if value == "auto" else value == "true"
 
 
-def mixed_precision(setting, gpus: bool, family) -> bool:
-    """Whether to train under mixed_float16: ``train.mixed_precision`` (``setting``) on this machine
-    (``gpus``: it has any) for ``family`` (a ``detkit.models.family.Family``)."""
-    mixed = _switch(setting)
-    if mixed and not family.mixed_float16:
+def check_precision(setting, family: Family) -> None:
+    """Refuses ``train.mixed_precision: true`` (``setting``) for a family that trains in float32 only."""
+    if _switch(setting) and not family.mixed_float16:
         raise ValueError(f"train.mixed_precision: true, but the {family.name} family trains in float32 only "
                          "(docs/training.md: Precision, devices, XLA); set it to auto or false")
-    return (bool(gpus) and family.mixed_float16) if mixed is None else mixed
+
+
+def mixed_precision(setting, gpus: bool, family: Family) -> bool:
+    """Whether to train under mixed_float16: ``train.mixed_precision`` (``setting``) on this machine
+    (``gpus``: it has any) for ``family``."""
+    check_precision(setting, family)
+    mixed = _switch(setting)
+    return (gpus and family.mixed_float16) if mixed is None else mixed
 
 
 def plan(t, family, environ=os.environ) -> Plan:
