@@ -57,7 +57,6 @@ from detkit.cloud import aws
 from detkit.cloud.training_contract import CHECKPOINTS, ENTRY_POINT, SAGEMAKER_BASE, hyperparameters
 from detkit.config import ConfigError, workspace_root
 from detkit.core.fsio import atomic_dir, atomic_write_bytes
-from detkit.models.family import family
 from detkit.train import checkpoints as CK
 from detkit.train import distribute, progress
 
@@ -411,7 +410,7 @@ def run(cfg, inputs: dict[str, Path], outputs: dict[str, Path], *,
 
     c = cfg.compute
     try:  # here, not in a job already started and paid for
-        distribute.check_precision(cfg.train.mixed_precision, family(cfg.model.family))
+        distribute.check_precision(cfg.train.mixed_precision, cfg.model.family)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     records = Path(inputs["records"])

@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from detkit.models.family import Family
+from detkit.models import family as F
 
 
 @dataclass
@@ -66,22 +66,29 @@ def _switch(value: str) -> bool | None:
     return None if value == "auto" else value == "true"
 
 
-def check_precision(setting, family: Family) -> None:
-    """Refuses ``train.mixed_precision: true`` (``setting``) for a family that trains in float32 only."""
-    if _switch(setting) and not family.mixed_float16:
+def _refuse_float32_only(family: F.Family) -> None:
+    if not family.mixed_float16:
         raise ValueError(f"train.mixed_precision: true, but the {family.name} family trains in float32 only "
                          "(docs/training.md: Precision, devices, XLA); set it to auto or false")
 
 
-def mixed_precision(setting, gpus: bool, family: Family) -> bool:
+def check_precision(setting, family_name: str) -> None:
+    """Refuses ``train.mixed_precision: true`` (``setting``) for a family that trains in float32 only.
+    Only ``true`` loads the family's module (and TensorFlow with it): a SageMaker submission does not."""
+    if _switch(setting):
+        _refuse_float32_only(F.family(family_name))
+
+
+def mixed_precision(setting, gpus: bool, family: F.Family) -> bool:
     """Whether to train under mixed_float16: ``train.mixed_precision`` (``setting``) on this machine
     (``gpus``: it has any) for ``family``."""
-    check_precision(setting, family)
     mixed = _switch(setting)
+    if mixed:
+        _refuse_float32_only(family)
     return (gpus and family.mixed_float16) if mixed is None else mixed
 
 
-def plan(t, family, environ=os.environ) -> Plan:
+def plan(t, family: F.Family, environ=os.environ) -> Plan:
     """The strategy for ``train.*`` and the model's ``family``. Call before any other TensorFlow op
     (multi-worker needs that)."""
     import keras
