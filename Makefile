@@ -125,6 +125,7 @@ mlflow-ui: ## the MLflow UI on the same runs (http://127.0.0.1:$(MLFLOW_PORT), M
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 bench: ## print the speed and memory benchmarks (figures and ratios against in-run baselines; the rehearsal too)
+	$(PYTHON) -m benchmarks.tf_start
 	$(PYTHON) -m benchmarks.tfrecord_throughput
 	$(PYTHON) -m benchmarks.demo_pipeline
 	$(PYTHON) -m benchmarks.train_loop

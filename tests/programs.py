@@ -96,7 +96,22 @@ def decode(*shards: str) -> int:
     return 0
 
 
-PROGRAMS = {"mirrored": mirrored, "worker": worker, "typos": typos, "decode": decode}
+def extras(first: str, *extra_modules: str) -> int:
+    """Imports the module ``first``, then TensorFlow and KerasHub as a model family does; prints which of
+    ``extra_modules`` that loaded, as JSON, then imports each of them, as MLflow would."""
+    import importlib
+
+    for module in (first, "tensorflow", "keras_hub"):  # TensorFlow looks Keras up before importing it
+        importlib.import_module(module)
+
+    loaded = sorted(name for name in extra_modules if name in sys.modules)
+    for name in extra_modules:
+        importlib.import_module(name)
+    print(json.dumps(loaded))
+    return 0
+
+
+PROGRAMS = {"mirrored": mirrored, "worker": worker, "typos": typos, "decode": decode, "extras": extras}
 
 if __name__ == "__main__":
     sys.exit(PROGRAMS[sys.argv[1]](*sys.argv[2:]))

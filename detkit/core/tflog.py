@@ -18,13 +18,13 @@ the import fails, everything is passed on. Later C++ logs keep TensorFlow's own 
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
-import importlib.machinery
 import os
 import re
 import sys
 import tempfile
 from collections.abc import Iterator
+
+from detkit.core import first_import
 
 VARIABLE = "DETKIT_TF_LOGS"
 # absl's pre-init notice, and C++ log lines: severity letter, MMDD, time, thread, file:line].
@@ -36,35 +36,14 @@ def install() -> None:
     if os.environ.get(VARIABLE, "").lower() in ("1", "true", "yes"):
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    if "tensorflow" not in sys.modules and not any(isinstance(f, _QuietImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _QuietImport())
+    first_import.wrap("tensorflow", _quietly)
 
 
-class _QuietImport(importlib.abc.MetaPathFinder):
-    """Finds ``tensorflow`` as the path finder does, and loads it through ``_QuietLoader``."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
-            return None
-        sys.meta_path.remove(self)  # once: submodules and later imports go the usual way
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _QuietLoader(spec.loader)
-        return spec
-
-
-class _QuietLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        with _without_cpp_lines():
-            self.loader.exec_module(module)
-            # Device probing (cuInit and friends) logs at the first device query, not at import.
-            module.config.list_physical_devices()
+def _quietly(module, execute) -> None:
+    with _without_cpp_lines():
+        execute()
+        # Device probing (cuInit and friends) logs at the first device query, not at import.
+        module.config.list_physical_devices()
 
 
 def log_onednn_notice() -> None:
