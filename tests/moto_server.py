@@ -19,13 +19,14 @@ def moto_server(env: dict[str, str], unset: Iterable[str] = ("AWS_PROFILE",),
     ``AWS_ENDPOINT_URL``; yield its URL.
 
     moto keeps its resources in this process, not in the server: without the reset, a server would
-    start with what an earlier test's server left (a second transform job where a test expects one)."""
+    start with what an earlier test's server left (a second transform job where a test expects one).
+    So one server at a time: a second one started beside it would empty the first."""
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    requests.post(f"{url}/moto-api/reset", timeout=10).raise_for_status()
     try:
+        requests.post(f"{url}/moto-api/reset", timeout=10).raise_for_status()
         with pytest.MonkeyPatch.context() as mp:
             for key, value in {**FAKE_CREDENTIALS, **({"AWS_ENDPOINT_URL": url} if endpoint_env else {}),
                                **env}.items():

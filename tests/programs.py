@@ -96,12 +96,12 @@ def decode(*shards: str) -> int:
     return 0
 
 
-def extras(first: str, *extra_modules: str) -> int:
-    """Imports the module ``first``, then TensorFlow and KerasHub as a model family does; prints which of
+def extras(order: str, *extra_modules: str) -> int:
+    """Imports the modules of the comma-separated ``order`` one after the other; prints which of
     ``extra_modules`` that loaded, as JSON, then imports each of them, as MLflow would."""
     import importlib
 
-    for module in (first, "tensorflow", "keras_hub"):  # TensorFlow looks Keras up before importing it
+    for module in order.split(","):
         importlib.import_module(module)
 
     loaded = sorted(name for name in extra_modules if name in sys.modules)

@@ -4,7 +4,8 @@
 path finder does and loads it through ``around(module, execute)``: ``execute()`` runs the
 package's own body, and ``around`` decides what happens before and after it. The finder removes
 itself when the package is loaded (not when it is only looked up: TensorFlow looks Keras up with
-``importlib.util.find_spec`` before importing it), so submodules and later imports go the usual way.
+``importlib.util.find_spec`` before importing it), so submodules and later imports go the usual way,
+a retry after a failed import too.
 """
 
 from __future__ import annotations
@@ -47,4 +48,7 @@ class _Loader(importlib.abc.Loader):
     def exec_module(self, module) -> None:
         if self.finder in sys.meta_path:
             sys.meta_path.remove(self.finder)
-        self.finder.around(module, lambda: self.loader.exec_module(module))
+        try:
+            self.finder.around(module, lambda: self.loader.exec_module(module))
+        finally:  # the package's own loader again, for its resources (importlib.resources, pkgutil.get_data)
+            module.__loader__ = module.__spec__.loader = self.loader

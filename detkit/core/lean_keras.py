@@ -4,11 +4,12 @@ Keras imports scikit-learn (for its scikit-learn wrappers), pandas (for DataFram
 ``fit``) and matplotlib (for its plotting helpers) whenever they are installed, and they are
 installed here because MLflow's tracking server needs them. Keras treats each one as optional,
 and the pipeline uses none of these features. Loading them would still cost every process that
-starts TensorFlow about 1.5 CPU-seconds, a third of ``import tensorflow`` on this project's CPUs.
+starts TensorFlow and KerasHub about 1.8 CPU-seconds, 40% of that start (benchmarks/tf_start.py).
 ``install()`` (called when ``detkit`` is imported) lets Keras's own first import see them as
-absent. Afterwards they import as usual, for MLflow or anyone else. In a detkit process,
-``keras.wrappers`` and ``keras.visualization`` therefore say that scikit-learn or matplotlib is
-not installed; import Keras before ``detkit`` where you need them.
+absent (and TensorFlow's, which Keras imports when it comes first). Afterwards they import as
+usual, for MLflow or anyone else. In a detkit process, ``keras.wrappers`` and
+``keras.visualization`` therefore say that scikit-learn or matplotlib is not installed, and
+``fit``/``predict`` take no pandas DataFrames; import Keras before ``detkit`` where you need them.
 """
 
 from __future__ import annotations
