@@ -26,7 +26,7 @@ def moto_server(env: dict[str, str], unset: Iterable[str] = ("AWS_PROFILE",),
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
     try:
-        requests.post(f"{url}/moto-api/reset", timeout=10).raise_for_status()
+        reset(url)
         with pytest.MonkeyPatch.context() as mp:
             for key, value in {**FAKE_CREDENTIALS, **({"AWS_ENDPOINT_URL": url} if endpoint_env else {}),
                                **env}.items():
@@ -36,3 +36,8 @@ def moto_server(env: dict[str, str], unset: Iterable[str] = ("AWS_PROFILE",),
             yield url
     finally:
         server.stop()
+
+
+def reset(url: str) -> None:
+    """Empty the moto server at ``url`` (and every other in this process): a module's shared server, per test."""
+    requests.post(f"{url}/moto-api/reset", timeout=10).raise_for_status()

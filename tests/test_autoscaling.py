@@ -6,12 +6,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import requests
 from omegaconf import OmegaConf
 
 from detkit.cloud import autoscaling, aws
 from detkit.config import load_config
-from tests.moto_server import moto_server
+from tests.moto_server import moto_server, reset
 
 REGION = "us-east-1"
 RESOURCE = "endpoint/pet-object-detection/variant/AllTraffic"
@@ -25,7 +24,7 @@ def moto_url():
 
 @pytest.fixture
 def scaling(moto_url):
-    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
+    reset(moto_url)
     return aws.clients(REGION, "application-autoscaling")[0]
 
 

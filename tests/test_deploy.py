@@ -25,7 +25,7 @@ from detkit.eval.draw import PREDICTED
 from detkit.serve.predict import request_body
 from harness.repo_copy import REPO_ROOT, make
 from tests.drawing import changed_elsewhere, outline_share
-from tests.moto_server import moto_server
+from tests.moto_server import moto_server, reset
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +151,7 @@ def moto_url():
 
 @pytest.fixture
 def aws(moto_url):
-    requests.post(f"{moto_url}/moto-api/reset", timeout=10)
+    reset(moto_url)
     made = deploy.clients(REGION)
     made["s3"].create_bucket(Bucket=BUCKET)
     return made
